@@ -1,0 +1,373 @@
+"""Batch normalization as stateless functions (the paper's Algorithms 1 and 2).
+
+The contract is CS231n's: ``batchnorm_forward`` returns the output and a
+cache, ``batchnorm_backward(dy, cache)`` returns the gradients.  ``axis`` is
+the feature (channel) axis that is *kept*, as in Keras: statistics are taken
+over every other axis.  ``axis=-1`` normalizes (N, D) and NHWC inputs,
+``axis=1`` NCHW ones; any rank >= 2 works.
+
+Dtypes: floating inputs keep their dtype; integer inputs are cast to float64.
+16-bit floats (float16, ``ml_dtypes.bfloat16``) are computed in float32 and
+the result is cast back, as Keras does.
+
+Non-finite input: a NaN or an infinity in a channel makes that channel's mean
+or variance non-finite, so every output of *that channel* is NaN; the other
+channels are unaffected.  Nothing is raised (checking would cost a pass over
+the data, and frameworks do not check either); the tests pin this behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from companion._validation import (
+    as_float_array,
+    channel_axis,
+    check_channel_vector,
+    check_epsilon,
+    check_rank,
+    compute_dtype,
+    describe,
+)
+
+__all__ = [
+    "BatchNormCache",
+    "batchnorm_backward",
+    "batchnorm_backward_staged",
+    "batchnorm_forward",
+    "batchnorm_inference",
+]
+
+
+class BatchNormCache(NamedTuple):
+    """What the training-mode forward pass keeps for the backward pass.
+
+    Per-channel arrays are stored with the input's rank and size 1 on the
+    reduced axes (``keepdims``), so they broadcast against ``x`` directly.
+    Everything is in the compute dtype (float32 for 16-bit inputs).
+    """
+
+    x_centered: np.ndarray
+    """x - mu_B."""
+    x_hat: np.ndarray
+    """(x - mu_B) / sqrt(var_B + epsilon)."""
+    mean: np.ndarray
+    """The batch mean of every channel, shape (C,)."""
+    var: np.ndarray
+    """The biased batch variance of every channel, shape (C,)."""
+    inv_std: np.ndarray
+    """1 / sqrt(var_B + epsilon), broadcastable against x."""
+    gamma: np.ndarray
+    """The scale, broadcastable against x."""
+    epsilon: float
+    axis: int
+    """The kept channel axis, non-negative."""
+    reduce_axes: tuple[int, ...]
+    """The axes the statistics are taken over."""
+    x_dtype: np.dtype
+    gamma_dtype: np.dtype
+    beta_dtype: np.dtype
+
+    @property
+    def count(self) -> int:
+        """The number m of values each channel's statistics are taken over."""
+        return self.x_hat.size // self.x_hat.shape[self.axis]
+
+
+def _prepare(
+    x: object, params: dict[str, object], axis: object, epsilon: object
+) -> tuple[np.ndarray, dict[str, np.ndarray], int, tuple[int, ...], tuple[int, ...], float]:
+    """Validate the common arguments.
+
+    Returns the input array, the per-channel arrays, the normalized axis, the
+    reduced axes, the broadcast shape of a per-channel array, and epsilon.
+    """
+    x_array = as_float_array(x, "x")
+    check_rank(x_array)
+    kept = channel_axis(axis, x_array.ndim)
+    channels = x_array.shape[kept]
+    checked = {name: check_channel_vector(value, name, channels) for name, value in params.items()}
+    eps = check_epsilon(epsilon)
+    reduce_axes = tuple(i for i in range(x_array.ndim) if i != kept)
+    shape = tuple(channels if i == kept else 1 for i in range(x_array.ndim))
+    return x_array, checked, kept, reduce_axes, shape, eps
+
+
+def batchnorm_forward(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-3,
+) -> tuple[np.ndarray, BatchNormCache]:
+    r"""Training-mode batch normalization (Algorithm 1 of Ioffe & Szegedy, 2015).
+
+    For every channel, over the m values of the batch (and of the spatial
+    positions, for convolutions):
+
+    .. math::
+
+        \mu_B = \frac{1}{m}\sum_i x_i, \qquad
+        \sigma_B^2 = \frac{1}{m}\sum_i (x_i - \mu_B)^2, \qquad
+        \hat x_i = \frac{x_i - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}, \qquad
+        y_i = \gamma \hat x_i + \beta .
+
+    The variance is computed by the two-pass formula (centre first, then
+    square); :math:`E[x^2] - E[x]^2` loses every digit when the mean is large
+    compared with the spread.  Derived in chapter 2, *The forward pass*.
+
+    Parameters
+    ----------
+    x : array of rank >= 2
+        The batch; integer input is cast to float64.
+    gamma, beta : arrays of shape (C,)
+        Scale and shift, C = ``x.shape[axis]``.
+    axis : int
+        The kept channel axis; negative values count from the end.
+    epsilon : float
+        Added to the variance, > 0.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and floating dtype as ``x``.
+    cache : BatchNormCache
+        Named intermediate values for :func:`batchnorm_backward`.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric ``x``, ``gamma`` or ``beta``; a non-int ``axis``.
+    ValueError
+        Rank < 2, ``axis`` out of range, ``gamma``/``beta`` not of shape (C,),
+        ``epsilon`` <= 0, or a single value per channel (m = 1: the batch
+        variance is 0 for every input and the output is just ``beta``).
+    """
+    x, params, kept, reduce_axes, shape, eps = _prepare(
+        x, {"gamma": gamma, "beta": beta}, axis, epsilon
+    )
+    count = x.size // x.shape[kept]
+    if count < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training; received x of shape "
+            f"{x.shape} with axis={axis}, which leaves {count} value per channel"
+        )
+    dtype = compute_dtype(x.dtype)
+    xc_in = x.astype(dtype, copy=False)
+    gamma_b = params["gamma"].astype(dtype).reshape(shape)
+    beta_b = params["beta"].astype(dtype).reshape(shape)
+
+    mean = xc_in.mean(axis=reduce_axes, keepdims=True)
+    x_centered = xc_in - mean
+    var = np.mean(np.square(x_centered), axis=reduce_axes, keepdims=True)
+    inv_std = 1.0 / np.sqrt(var + dtype.type(eps))
+    x_hat = x_centered * inv_std
+    y = gamma_b * x_hat + beta_b
+
+    cache = BatchNormCache(
+        x_centered=x_centered,
+        x_hat=x_hat,
+        mean=mean.reshape(-1),
+        var=var.reshape(-1),
+        inv_std=inv_std,
+        gamma=gamma_b,
+        epsilon=eps,
+        axis=kept,
+        reduce_axes=reduce_axes,
+        x_dtype=x.dtype,
+        gamma_dtype=params["gamma"].dtype,
+        beta_dtype=params["beta"].dtype,
+    )
+    return y.astype(x.dtype, copy=False), cache
+
+
+def _check_backward_args(dy: object, cache: object) -> np.ndarray:
+    """dy must match the cached forward input; cache must come from batchnorm_forward."""
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(
+            "cache must be the BatchNormCache returned by batchnorm_forward (training mode); "
+            f"received {describe(cache)}. batchnorm_inference keeps no cache: in inference "
+            "mode batch norm is a fixed affine map, differentiate it as such"
+        )
+    dy_array = as_float_array(dy, "dy")
+    if dy_array.shape != cache.x_hat.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward output {cache.x_hat.shape}; "
+            f"received shape {dy_array.shape}"
+        )
+    return dy_array.astype(cache.x_hat.dtype, copy=False)
+
+
+def _cast_grads(
+    dx: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients in the dtypes of what they are gradients of; dgamma, dbeta of shape (C,)."""
+    return (
+        dx.astype(cache.x_dtype, copy=False),
+        dgamma.reshape(-1).astype(cache.gamma_dtype, copy=False),
+        dbeta.reshape(-1).astype(cache.beta_dtype, copy=False),
+    )
+
+
+def batchnorm_backward(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Gradients of batch normalization in closed form.
+
+    With :math:`g = \partial L / \partial y` (``dy``), per channel over m values:
+
+    .. math::
+
+        \frac{\partial L}{\partial \beta} = \sum_i g_i, \qquad
+        \frac{\partial L}{\partial \gamma} = \sum_i g_i \hat x_i, \qquad
+        \frac{\partial L}{\partial x_i} = \frac{\gamma}{\sqrt{\sigma_B^2+\epsilon}}
+            \left( g_i - \frac{1}{m}\frac{\partial L}{\partial \beta}
+                   - \hat x_i \frac{1}{m}\frac{\partial L}{\partial \gamma} \right).
+
+    The input gradient reuses the two parameter gradients and the cached
+    :math:`\hat x` and :math:`1/\sqrt{\sigma_B^2+\epsilon}`; nothing of the
+    forward pass is recomputed.  Derived by hand in chapter 3, *The backward
+    pass*.
+
+    Parameters
+    ----------
+    dy : array
+        Upstream gradient, the shape of the forward output.
+    cache : BatchNormCache
+        From :func:`batchnorm_forward`.
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of the forward input.
+    dgamma, dbeta : ndarrays of shape (C,)
+        In the dtypes of ``gamma`` and ``beta``.
+    """
+    dy = _check_backward_args(dy, cache)
+    dbeta = dy.sum(axis=cache.reduce_axes, keepdims=True)
+    dgamma = np.sum(dy * cache.x_hat, axis=cache.reduce_axes, keepdims=True)
+    m = cache.count
+    dx = (cache.gamma * cache.inv_std) * (dy - dbeta / m - cache.x_hat * (dgamma / m))
+    return _cast_grads(dx, dgamma, dbeta, cache)
+
+
+def batchnorm_backward_staged(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Gradients of batch normalization, node by node through the computational graph.
+
+    The forward pass as a graph of elementary operations, per channel::
+
+        mu      = mean(x)                  (1) mean
+        xc      = x - mu                   (2) centre
+        sq      = xc ** 2                  (3) square
+        var     = mean(sq)                 (4) variance
+        var_eps = var + epsilon            (5) +epsilon
+        std     = sqrt(var_eps)            (6) sqrt
+        inv_std = 1 / std                  (7) reciprocal
+        x_hat   = xc * inv_std             (8) multiply
+        scaled  = gamma * x_hat            (9) scale
+        y       = scaled + beta            (10) shift
+
+    Backpropagation visits the nodes in reverse, applying the chain rule
+    locally; where a value fans out (``xc`` feeds nodes 3 and 8, ``x`` feeds
+    nodes 1 and 2) the incoming gradients add.  Slower than
+    :func:`batchnorm_backward` and equal to it to rounding; it exists to be
+    read.  Derived in chapter 3, *The backward pass*.
+
+    Parameters and returns are those of :func:`batchnorm_backward`.
+    """
+    dy = _check_backward_args(dy, cache)
+    axes, m = cache.reduce_axes, cache.count
+    xc, x_hat, inv_std, gamma = cache.x_centered, cache.x_hat, cache.inv_std, cache.gamma
+    std = np.sqrt(cache.var.reshape(inv_std.shape) + inv_std.dtype.type(cache.epsilon))
+
+    # (10) y = scaled + beta
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dscaled = dy
+    # (9) scaled = gamma * x_hat
+    dgamma = np.sum(dscaled * x_hat, axis=axes, keepdims=True)
+    dx_hat = dscaled * gamma
+    # (8) x_hat = xc * inv_std          -- first path into xc
+    dxc = dx_hat * inv_std
+    dinv_std = np.sum(dx_hat * xc, axis=axes, keepdims=True)
+    # (7) inv_std = 1 / std
+    dstd = -dinv_std / std**2
+    # (6) std = sqrt(var_eps)
+    dvar_eps = dstd / (2.0 * std)
+    # (5) var_eps = var + epsilon
+    dvar = dvar_eps
+    # (4) var = mean(sq)
+    dsq = np.broadcast_to(dvar / m, xc.shape)
+    # (3) sq = xc ** 2                  -- second path into xc
+    dxc = dxc + 2.0 * xc * dsq
+    # (2) xc = x - mu                   -- first path into x
+    dx = dxc
+    dmu = -dxc.sum(axis=axes, keepdims=True)
+    # (1) mu = mean(x)                  -- second path into x
+    dx = dx + np.broadcast_to(dmu / m, xc.shape)
+    return _cast_grads(dx, dgamma, dbeta, cache)
+
+
+def batchnorm_inference(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    moving_mean: np.ndarray,
+    moving_variance: np.ndarray,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-3,
+) -> np.ndarray:
+    r"""Inference-mode batch normalization with fixed statistics (Algorithm 2, step 10).
+
+    .. math::
+
+        y = \gamma \, \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
+
+    where E[x] and Var[x] are ``moving_mean`` and ``moving_variance`` (the
+    paper uses the population statistics; Keras and this package use
+    exponential moving averages, chapter 4).  Every example is transformed
+    independently of the rest of the batch, so a single example (m = 1) is
+    fine.  Derived in chapter 4, *Training versus inference*.
+
+    Parameters
+    ----------
+    x : array of rank >= 2
+    gamma, beta, moving_mean, moving_variance : arrays of shape (C,)
+        ``moving_variance`` must be >= 0.
+    axis, epsilon
+        As in :func:`batchnorm_forward`.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and floating dtype as ``x``.  No cache: this is a fixed
+        affine map, not something :func:`batchnorm_backward` can differentiate.
+    """
+    x, params, _, _, shape, eps = _prepare(
+        x,
+        {
+            "gamma": gamma,
+            "beta": beta,
+            "moving_mean": moving_mean,
+            "moving_variance": moving_variance,
+        },
+        axis,
+        epsilon,
+    )
+    if np.any(params["moving_variance"] < 0):
+        raise ValueError(
+            "moving_variance must be >= 0 in every channel; received minimum "
+            f"{params['moving_variance'].min()!r}"
+        )
+    dtype = compute_dtype(x.dtype)
+    mean, var, gamma_b, beta_b = (
+        params[name].astype(dtype).reshape(shape)
+        for name in ("moving_mean", "moving_variance", "gamma", "beta")
+    )
+    y = gamma_b * ((x.astype(dtype, copy=False) - mean) / np.sqrt(var + dtype.type(eps))) + beta_b
+    return y.astype(x.dtype, copy=False)

@@ -1,0 +1,20 @@
+"""Test configuration shared by the unit tests and the nbval notebook runs."""
+
+from __future__ import annotations
+
+import os
+
+# Set before TensorFlow can be imported, here and in every kernel that nbval
+# starts (kernels inherit this process's environment).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests are derandomized: the same examples on every run, so CI is
+# reproducible; run with --hypothesis-profile=explore to search afresh.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
