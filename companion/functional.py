@@ -12,8 +12,11 @@ the result is cast back, as Keras does.
 
 Non-finite input: a NaN or an infinity in a channel makes that channel's mean
 or variance non-finite, so every output of *that channel* is NaN; the other
-channels are unaffected.  Nothing is raised (checking would cost a pass over
-the data, and frameworks do not check either); the tests pin this behaviour.
+channels are unaffected (an infinity makes numpy warn "invalid value" when it
+is centred).  Nothing is raised: checking would cost a pass over the data,
+and frameworks do not check either.  In inference mode the statistics are
+fixed, so a non-finite input only affects its own output.  The tests pin
+this behaviour.
 """
 
 from __future__ import annotations
@@ -362,7 +365,7 @@ def batchnorm_inference(
     if np.any(params["moving_variance"] < 0):
         raise ValueError(
             "moving_variance must be >= 0 in every channel; received minimum "
-            f"{params['moving_variance'].min()!r}"
+            f"{float(params['moving_variance'].min())!r}"
         )
     dtype = compute_dtype(x.dtype)
     mean, var, gamma_b, beta_b = (
