@@ -15,7 +15,6 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 # Deterministic kernels and hashing for every process started from here.
 export PYTHONHASHSEED := 0
 export TF_DETERMINISTIC_OPS := 1
-export MPLBACKEND := Agg
 
 .PHONY: book test execute lint clean install
 

@@ -30,6 +30,7 @@ from companion._validation import (
     compute_dtype,
     describe,
 )
+from companion.base import Layer
 from companion.functional import (
     BatchNormCache,
     batchnorm_backward,
@@ -42,7 +43,7 @@ __all__ = ["BatchNorm"]
 _STATE_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-class BatchNorm:
+class BatchNorm(Layer):
     r"""Batch normalization layer with Keras's defaults and update rule.
 
     .. math::
@@ -94,6 +95,7 @@ class BatchNorm:
         center: bool = True,
         scale: bool = True,
     ) -> None:
+        super().__init__()
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int; received {describe(axis)}")
         for name, flag in (("center", center), ("scale", scale)):
@@ -108,8 +110,6 @@ class BatchNorm:
         self.beta: np.ndarray | None = None
         self.moving_mean: np.ndarray | None = None
         self.moving_variance: np.ndarray | None = None
-        self.grads: dict[str, np.ndarray] = {}
-        self._cache: BatchNormCache | None = None
 
     def __repr__(self) -> str:
         channels = "unbuilt" if self.moving_mean is None else f"channels={self.channels}"
@@ -120,44 +120,50 @@ class BatchNorm:
 
     # ------------------------------------------------------------------ state
     @property
-    def built(self) -> bool:
-        """True once the arrays exist (after the first call or :meth:`load`)."""
-        return self.moving_mean is not None
-
-    @property
     def channels(self) -> int | None:
         """C, the number of channels, or None before the layer is built."""
         return None if self.moving_mean is None else self.moving_mean.shape[0]
 
-    def build(self, channels: int, dtype: Any = np.float32) -> None:
-        """Create gamma = 1, beta = 0, moving_mean = 0, moving_variance = 1 of shape (C,)."""
-        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
-            raise ValueError(f"channels must be a positive int; received {describe(channels)}")
-        dtype = compute_dtype(np.dtype(dtype))
+    def weight_names(self) -> list[str]:
+        """gamma, beta, moving_mean, moving_variance (Keras's order), less dropped parameters."""
+        return [
+            name
+            for name in _STATE_ORDER
+            if (name != "gamma" or self.scale) and (name != "beta" or self.center)
+        ]
+
+    def trainable_names(self) -> list[str]:
+        """gamma and beta, where the layer has them; the moving statistics are not trained."""
+        return [name for name in self.weight_names() if not name.startswith("moving_")]
+
+    def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._build_channels(input_shape[channel_axis(self.axis, len(input_shape))], dtype)
+
+    def _build_channels(self, channels: int, dtype: np.dtype) -> None:
+        """gamma = 1, beta = 0, moving_mean = 0, moving_variance = 1, of shape (C,)."""
         self.gamma = np.ones(channels, dtype) if self.scale else None
         self.beta = np.zeros(channels, dtype) if self.center else None
         self.moving_mean = np.zeros(channels, dtype)
         self.moving_variance = np.ones(channels, dtype)
         self.grads = {}
         self._cache = None
+        self._built = True
 
-    def _check_input(self, x: Any) -> tuple[np.ndarray, int]:
-        """Validate x against the layer (before any state changes); return it and C."""
-        x = as_float_array(x, "x")
+    def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         check_rank(x)
-        channels = x.shape[channel_axis(self.axis, x.ndim)]
+        kept = channel_axis(self.axis, x.ndim)
+        channels = x.shape[kept]
         if self.built and channels != self.channels:
             raise ValueError(
                 f"x has {channels} channels on axis {self.axis} (shape {x.shape}), but this "
                 f"layer was built for {self.channels} channels; use a new BatchNorm layer"
             )
-        return x, channels
-
-    def _affine(self, channels: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """gamma and beta, with 1 and 0 standing in for dropped parameters."""
-        gamma = self.gamma if self.gamma is not None else np.ones(channels, dtype)
-        beta = self.beta if self.beta is not None else np.zeros(channels, dtype)
-        return gamma, beta
+        if training and x.size // max(channels, 1) < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training; received x of shape "
+                f"{x.shape} with axis={self.axis}, which leaves {x.size // max(channels, 1)} "
+                "value per channel"
+            )
 
     # ------------------------------------------------------- forward/backward
     def __call__(self, x: np.ndarray, training: bool = False) -> np.ndarray:
@@ -170,29 +176,23 @@ class BatchNorm:
             has another number of channels than the layer was built for.  A
             failed call leaves the layer unchanged.
         """
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a bool; received {describe(training)}")
-        x, channels = self._check_input(x)
-        dtype = self.moving_mean.dtype if self.built else compute_dtype(x.dtype)
-        gamma, beta = self._affine(channels, dtype)
+        return super().__call__(x, training)
+
+    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, BatchNormCache | None]:
+        channels = self.channels
+        gamma = self.gamma if self.gamma is not None else np.ones(channels, self.moving_mean.dtype)
+        beta = self.beta if self.beta is not None else np.zeros(channels, self.moving_mean.dtype)
         if not training:
-            moving_mean = self.moving_mean if self.built else np.zeros(channels, dtype)
-            moving_variance = self.moving_variance if self.built else np.ones(channels, dtype)
             y = batchnorm_inference(
-                x, gamma, beta, moving_mean, moving_variance, axis=self.axis, epsilon=self.epsilon
+                x, gamma, beta, self.moving_mean, self.moving_variance,
+                axis=self.axis, epsilon=self.epsilon,
             )
-            if not self.built:
-                self.build(channels, dtype)
-            self._cache = None
-            return y
+            return y, None
         y, cache = batchnorm_forward(x, gamma, beta, axis=self.axis, epsilon=self.epsilon)
-        if not self.built:
-            self.build(channels, dtype)
         keep = self.momentum
         self.moving_mean[...] = self.moving_mean * keep + cache.mean * (1.0 - keep)
         self.moving_variance[...] = self.moving_variance * keep + cache.var * (1.0 - keep)
-        self._cache = cache
-        return y
+        return y, cache
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Backpropagate through the last training-mode call.
@@ -207,35 +207,17 @@ class BatchNorm:
             When the last call was not a training-mode call (there are no
             batch statistics to differentiate), or ``dy`` has the wrong shape.
         """
-        if self._cache is None:
-            state = "has not been called" if not self.built else "was last called with training=False"
-            raise ValueError(
-                f"backward(dy) needs a preceding call with training=True; this layer {state}"
-            )
-        dx, dgamma, dbeta = batchnorm_backward(dy, self._cache)
-        grads = {}
-        if self.scale:
-            grads["gamma"] = dgamma
-        if self.center:
-            grads["beta"] = dbeta
-        self.grads = grads
-        return dx
+        return super().backward(dy)
+
+    def _cache_output_shape(self) -> tuple[int, ...]:
+        return self._cache.x_hat.shape
+
+    def _backward(self, dy: np.ndarray, cache: BatchNormCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        dx, dgamma, dbeta = batchnorm_backward(dy, cache)
+        grads = {"gamma": dgamma, "beta": dbeta}
+        return dx, {name: grads[name] for name in self.trainable_names()}
 
     # ---------------------------------------------------------- weights I/O
-    def weight_names(self) -> list[str]:
-        """Names of the layer's arrays in Keras's order: gamma, beta, moving_mean, moving_variance."""
-        return [
-            name
-            for name in _STATE_ORDER
-            if (name != "gamma" or self.scale) and (name != "beta" or self.center)
-        ]
-
-    def get_weights(self) -> list[np.ndarray]:
-        """Copies of the arrays in Keras's ``layer.get_weights()`` order."""
-        if not self.built:
-            raise ValueError("get_weights() needs a built layer; call it on an input or load a state first")
-        return [getattr(self, name).copy() for name in self.weight_names()]
-
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Set the arrays from a list in Keras's order (as ``keras_layer.get_weights()`` returns).
 
@@ -243,7 +225,7 @@ class BatchNorm:
         assigned; a failed call leaves the layer unchanged.
         """
         names = self.weight_names()
-        if isinstance(weights, Mapping) or len(weights) != len(names):
+        if isinstance(weights, (Mapping, str)) or len(weights) != len(names):
             raise ValueError(
                 f"weights must be a list of {len(names)} arrays ({', '.join(names)}); "
                 f"received {describe(weights)}"
@@ -269,7 +251,7 @@ class BatchNorm:
                     + (" (the layer's channels)" if self.built else " (the shape of moving_mean)")
                 )
         if not self.built:
-            self.build(expected[0], arrays["moving_mean"].dtype)
+            self._build_channels(expected[0], compute_dtype(arrays["moving_mean"].dtype))
         for name, array in arrays.items():
             getattr(self, name)[...] = array
         self._cache = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 __all__ = ["COLORS", "use_book_style"]
 
@@ -21,12 +22,38 @@ COLORS: dict[str, str] = {
 }
 """Fixed roles: the same colour means the same thing in every chapter."""
 
+FIGURE_TEXT = "[figure]"
+"""Plain-text stand-in stored next to each figure's PNG in a notebook."""
+
+
+def _configure_notebook() -> None:
+    """In a Jupyter kernel: inline figures, with a fixed plain-text fallback.
+
+    An inline figure is stored as a PNG plus a ``text/plain`` fallback, by
+    default the repr ``<Figure size 700x360 with 1 Axes>``; a fixed caption
+    keeps object reprs out of stored outputs.  Outside IPython: nothing.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        return
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):
+        return
+    shell.run_line_magic("matplotlib", "inline")
+    shell.display_formatter.formatters["text/plain"].for_type(
+        Figure, lambda figure, printer, cycle: printer.text(FIGURE_TEXT)
+    )
+
 
 def use_book_style(**overrides: Any) -> None:
     """Apply the book's figure style: colour-blind-safe cycle, page-sized figures, grid.
 
+    In a Jupyter kernel it also selects inline figures and stores them with
+    the plain-text fallback ``[figure]`` instead of a ``<Figure ...>`` repr.
     ``overrides`` are ``rcParams`` entries, e.g. ``use_book_style(**{"axes.grid": False})``.
     """
+    _configure_notebook()
     plt.style.use("tableau-colorblind10")
     plt.rcParams.update(
         {

@@ -150,10 +150,10 @@ def test_backward_needs_a_cache_from_a_training_forward():
 
 def test_layer_backward_before_training_forward():
     layer = BatchNorm()
-    with pytest.raises(ValueError, match=r"backward\(dy\) needs a preceding call with training=True; this layer has not been called"):
+    with pytest.raises(ValueError, match=r"backward\(dy\) needs a preceding forward call; this BatchNorm has not been called"):
         layer.backward(X)
     layer(X)
-    with pytest.raises(ValueError, match=r"this layer was last called with training=False"):
+    with pytest.raises(ValueError, match=r"this BatchNorm was last called with training=False, which keeps nothing to differentiate"):
         layer.backward(X)
     layer(X, training=True)
     layer.backward(X)
@@ -189,7 +189,7 @@ def trained_layer():
         (lambda l: l(np.ones((1, 3)), training=True), ValueError, r"more than 1 value per channel"),
         (lambda l: l(np.array([["x"] * 3] * 2)), TypeError, r"x must be a real floating"),
         (lambda l: l(X, training="yes"), TypeError, r"training must be a bool; received 'yes'"),
-        (lambda l: l.backward(np.ones((2, 3))), ValueError, r"dy must have the shape of the forward output"),
+        (lambda l: l.backward(np.ones((2, 3))), ValueError, r"dy must have the shape of the last output \(8, 3\); received shape \(2, 3\)"),
         (lambda l: l.set_weights([ONES, ZEROS, ZEROS]), ValueError, r"weights must be a list of 4 arrays \(gamma, beta, moving_mean, moving_variance\)"),
         (lambda l: l.set_weights([ONES, ZEROS, ZEROS, np.ones(4)]), ValueError, r"weights\['moving_variance'\] has shape \(4,\); expected \(3,\) \(the layer's channels\)"),
     ],
@@ -246,9 +246,9 @@ def test_a_state_file_with_pickled_objects_is_refused(tmp_path):
 
 
 def test_get_weights_and_build_need_sensible_arguments():
-    with pytest.raises(ValueError, match=r"get_weights\(\) needs a built layer"):
+    with pytest.raises(ValueError, match=r"get_weights\(\) needs a built BatchNorm"):
         BatchNorm().get_weights()
-    with pytest.raises(ValueError, match=r"channels must be a positive int; received 0"):
-        BatchNorm().build(0)
+    with pytest.raises(ValueError, match=r"x must have rank >= 2"):
+        BatchNorm().build((4,))
     with pytest.raises(ValueError, match=r"weights must be a list of 4 arrays .*received \{"):
         BatchNorm().set_weights({"gamma": ONES})

@@ -81,6 +81,44 @@ def test_plotting_style_is_colour_blind_safe():
         assert COLORS["with_bn"] in cycle and COLORS["without_bn"] in cycle
 
 
+def test_plotting_in_a_kernel_uses_inline_figures_with_a_fixed_text_fallback(monkeypatch):
+    import IPython
+    from matplotlib.figure import Figure
+
+    import companion.plotting as plotting
+
+    class Formatter:
+        def __init__(self):
+            self.registered = {}
+
+        def for_type(self, cls, function):
+            self.registered[cls] = function
+
+    class Printer:
+        def text(self, value):
+            self.value = value
+
+    class Shell:
+        kernel = object()
+
+        def __init__(self):
+            self.magics = []
+            self.display_formatter = type("D", (), {"formatters": {"text/plain": Formatter()}})()
+
+        def run_line_magic(self, name, line):
+            self.magics.append((name, line))
+
+    shell = Shell()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    plotting._configure_notebook()
+    assert shell.magics == [("matplotlib", "inline")]
+    printer = Printer()
+    shell.display_formatter.formatters["text/plain"].registered[Figure](None, printer, False)
+    assert printer.value == "[figure]"
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)  # plain Python: nothing happens
+    plotting._configure_notebook()
+
+
 def _requirements(strings):
     reqs = {}
     for text in strings:

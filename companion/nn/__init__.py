@@ -1,0 +1,28 @@
+"""``companion.nn``: the numpy layers of the source text's CNN, Keras's names and layouts.
+
+Every layer has ``__call__(x, training=False)``, ``backward(dy) -> dx``,
+``params`` / ``grads`` dicts of numpy arrays, and ``get_weights()`` /
+``set_weights()`` in Keras's order.  Chapter 5 builds them up one by one.
+"""
+
+from companion.layers import BatchNorm
+from companion.nn.activations import ReLU, Sigmoid
+from companion.nn.conv import Conv2D
+from companion.nn.dense import Dense, Flatten
+from companion.nn.losses import softmax_cross_entropy
+from companion.nn.optimizers import SGD
+from companion.nn.pooling import MaxPool2D
+from companion.nn.sequential import Sequential
+
+__all__ = [
+    "SGD",
+    "BatchNorm",
+    "Conv2D",
+    "Dense",
+    "Flatten",
+    "MaxPool2D",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "softmax_cross_entropy",
+]
