@@ -15,6 +15,8 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 # Deterministic kernels and hashing for every process started from here.
 export PYTHONHASHSEED := 0
 export TF_DETERMINISTIC_OPS := 1
+# No progress bars in stored notebook outputs (readers running Jupyter get them).
+export COMPANION_NO_PROGRESS := 1
 
 .PHONY: book test execute lint clean install
 

@@ -7,6 +7,7 @@ import os
 # Set before TensorFlow can be imported, here and in every kernel that nbval
 # starts (kernels inherit this process's environment).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("COMPANION_NO_PROGRESS", "1")  # stable notebook outputs
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
