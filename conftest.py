@@ -1,4 +1,9 @@
-"""Test configuration shared by the unit tests and the nbval notebook runs."""
+"""Test configuration shared by the unit tests and the nbval notebook runs.
+
+At the repository root so that it is loaded for every pytest run, including
+`pytest book/NN_chapter.ipynb` alone: the kernels nbval starts inherit the
+environment set here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import os
 # starts (kernels inherit this process's environment).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("COMPANION_NO_PROGRESS", "1")  # stable notebook outputs
+os.environ.setdefault("PYTHONHASHSEED", "0")  # kernels: the same set/dict orders as `make execute`
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
