@@ -79,6 +79,23 @@ class BatchNormCache(NamedTuple):
         return self.x_hat.size // self.x_hat.shape[self.axis]
 
 
+def _channel_sum(a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1) -> np.ndarray:
+    """Per-channel sum over ``axes`` (keepdims), divided by ``divide_by``, accumulated in float64.
+
+    numpy adds along non-contiguous axes one value after another, so a float32
+    sum over the N*H*W values of a channel would lose about log10(N*H*W)
+    digits; accumulating in (at least) float64 and rounding once keeps float32
+    statistics within an ulp or two of the exact ones.
+    """
+    total = a.sum(axis=axes, keepdims=True, dtype=np.promote_types(a.dtype, np.float64))
+    return (total / divide_by).astype(a.dtype, copy=False)
+
+
+def _channel_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Per-channel mean over ``axes`` (keepdims), accumulated in float64."""
+    return _channel_sum(a, axes, divide_by=int(np.prod([a.shape[i] for i in axes])))
+
+
 def _prepare(
     x: object, params: dict[str, object], axis: object, epsilon: object
 ) -> tuple[np.ndarray, dict[str, np.ndarray], int, tuple[int, ...], tuple[int, ...], float]:
@@ -163,9 +180,9 @@ def batchnorm_forward(
     gamma_b = params["gamma"].astype(dtype).reshape(shape)
     beta_b = params["beta"].astype(dtype).reshape(shape)
 
-    mean = xc_in.mean(axis=reduce_axes, keepdims=True)
+    mean = _channel_mean(xc_in, reduce_axes)
     x_centered = xc_in - mean
-    var = np.mean(np.square(x_centered), axis=reduce_axes, keepdims=True)
+    var = _channel_mean(np.square(x_centered), reduce_axes)
     inv_std = 1.0 / np.sqrt(var + dtype.type(eps))
     x_hat = x_centered * inv_std
     y = gamma_b * x_hat + beta_b
@@ -250,8 +267,8 @@ def batchnorm_backward(
         In the dtypes of ``gamma`` and ``beta``.
     """
     dy = _check_backward_args(dy, cache)
-    dbeta = dy.sum(axis=cache.reduce_axes, keepdims=True)
-    dgamma = np.sum(dy * cache.x_hat, axis=cache.reduce_axes, keepdims=True)
+    dbeta = _channel_sum(dy, cache.reduce_axes)
+    dgamma = _channel_sum(dy * cache.x_hat, cache.reduce_axes)
     m = cache.count
     dx = (cache.gamma * cache.inv_std) * (dy - dbeta / m - cache.x_hat * (dgamma / m))
     return _cast_grads(dx, dgamma, dbeta, cache)
@@ -289,14 +306,14 @@ def batchnorm_backward_staged(
     std = np.sqrt(cache.var.reshape(inv_std.shape) + inv_std.dtype.type(cache.epsilon))
 
     # (10) y = scaled + beta
-    dbeta = dy.sum(axis=axes, keepdims=True)
+    dbeta = _channel_sum(dy, axes)
     dscaled = dy
     # (9) scaled = gamma * x_hat
-    dgamma = np.sum(dscaled * x_hat, axis=axes, keepdims=True)
+    dgamma = _channel_sum(dscaled * x_hat, axes)
     dx_hat = dscaled * gamma
     # (8) x_hat = xc * inv_std          -- first path into xc
     dxc = dx_hat * inv_std
-    dinv_std = np.sum(dx_hat * xc, axis=axes, keepdims=True)
+    dinv_std = _channel_sum(dx_hat * xc, axes)
     # (7) inv_std = 1 / std
     dstd = -dinv_std / std**2
     # (6) std = sqrt(var_eps)
@@ -309,7 +326,7 @@ def batchnorm_backward_staged(
     dxc = dxc + 2.0 * xc * dsq
     # (2) xc = x - mu                   -- first path into x
     dx = dxc
-    dmu = -dxc.sum(axis=axes, keepdims=True)
+    dmu = -_channel_sum(dxc, axes)
     # (1) mu = mean(x)                  -- second path into x
     dx = dx + np.broadcast_to(dmu / m, xc.shape)
     return _cast_grads(dx, dgamma, dbeta, cache)
