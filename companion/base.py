@@ -24,8 +24,8 @@ class Layer:
     """Base class: building, the ``training`` flag, the backward cache, weights I/O.
 
     Subclasses define :meth:`weight_names`, :meth:`trainable_names`,
-    :meth:`_build` (create the arrays for an input shape),
-    :meth:`_check_input`, :meth:`_forward` and :meth:`_backward`.
+    ``_build`` (create the arrays for an input shape),
+    ``_check_input``, ``_forward`` and ``_backward``.
     """
 
     def __init__(self) -> None:
@@ -63,7 +63,7 @@ class Layer:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """The trainable arrays by name (the arrays themselves: update them in place)."""
+        """The trainable arrays by name; these are the arrays themselves, so update them in place."""
         return {name: getattr(self, name) for name in self.trainable_names()}
 
     def build(self, input_shape: Sequence[int], dtype: Any = np.float32) -> None:

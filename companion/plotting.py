@@ -20,7 +20,7 @@ COLORS: dict[str, str] = {
     "accent": "#C85200",
     "light": "#A2C8EC",
 }
-"""Fixed roles: the same colour means the same thing in every chapter."""
+"""The same colour means the same thing in every chapter."""
 
 FIGURE_TEXT = "[figure]"
 """Plain-text stand-in stored next to each figure's PNG in a notebook."""

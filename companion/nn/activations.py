@@ -2,7 +2,7 @@ r"""Element-wise nonlinearities: ``ReLU`` and ``Sigmoid``.
 
 ``ReLU``: :math:`y = \max(x, 0)`, :math:`dx = dy \cdot [x > 0]` (0 at x = 0, as
 TensorFlow).  ``Sigmoid``: :math:`y = 1/(1 + e^{-x})`, :math:`dx = dy \cdot y (1 - y)`;
-it saturates for large |x|, which chapter 12 measures.
+it saturates for large ``|x|``, which chapter 12 measures.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ReLU(Layer):
 
 
 class Sigmoid(Layer):
-    """Logistic sigmoid, element-wise, computed without overflow for large |x|."""
+    """Logistic sigmoid, element-wise, computed without overflow for large ``|x|``."""
 
     def __repr__(self) -> str:
         return "Sigmoid()"
