@@ -129,3 +129,12 @@ def test_command_line_writes_and_prints_json(tmp_path, monkeypatch):
     assert written["seeds"] == [0] and written["command"].endswith(f"{name} --seeds 1")
     assert cli.main([name, "--seeds", "1"]) == 0
 
+
+
+def test_paired_margin_verdict():
+    from companion.experiments.common import paired_margin_verdict
+
+    assert paired_margin_verdict([0.03, 0.02], 0.02) == "supported"
+    assert paired_margin_verdict([-0.05, -0.02], 0.02) == "contradicted"
+    assert paired_margin_verdict([0.01, -0.01], 0.02) == "not supported at this scale"
+    assert paired_margin_verdict([0.05, 0.0], 0.02) == "mixed"

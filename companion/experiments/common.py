@@ -11,7 +11,7 @@ import numpy as np
 
 from companion.data import MnistSplit, load_mnist_subset
 
-__all__ = ["mnist", "one_blas_thread", "summarize"]
+__all__ = ["mnist", "one_blas_thread", "paired_margin_verdict", "summarize"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,3 +65,21 @@ def one_blas_thread() -> Iterator[None]:
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def paired_margin_verdict(differences: Iterable[float], margin: float) -> str:
+    """The verdict of per-seed differences d (with BN minus without) against a margin.
+
+    'supported' if d >= margin on every seed; 'contradicted' if d <= -margin
+    on every seed; 'not supported at this scale' if no seed reaches the
+    margin; otherwise 'mixed'.  A tolerance of 1e-9 absorbs rounding of d.
+    """
+    d = list(differences)
+    tol = 1e-9
+    if all(x >= margin - tol for x in d):
+        return "supported"
+    if all(x <= -margin + tol for x in d):
+        return "contradicted"
+    if all(x < margin - tol for x in d):
+        return "not supported at this scale"
+    return "mixed"

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from companion.experiments.common import mnist, one_blas_thread, summarize
+from companion.experiments.common import mnist, one_blas_thread, paired_margin_verdict, summarize
 from companion.nn import Dense, Sequential
 from companion.training import mlp, train
 
@@ -123,15 +123,7 @@ def working_range(accuracies: Sequence[float], threshold: float, step: float) ->
 
 def verdict(with_bn: Sequence[float], without_bn: Sequence[float], margin: float) -> str:
     """Apply :func:`verdict_rule` to per-seed working ranges (decades)."""
-    tol = 1e-9
-    d = [b - n for b, n in zip(with_bn, without_bn)]
-    if all(x >= margin - tol for x in d):
-        return "supported"
-    if all(x <= -margin + tol for x in d):
-        return "contradicted"
-    if all(x < margin - tol for x in d):
-        return "not supported at this scale"
-    return "mixed"
+    return paired_margin_verdict([b - n for b, n in zip(with_bn, without_bn)], margin)
 
 
 

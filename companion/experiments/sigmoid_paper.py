@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from companion.experiments.common import mnist, one_blas_thread, summarize
+from companion.experiments.common import mnist, one_blas_thread, paired_margin_verdict, summarize
 from companion.layers import BatchNorm
 from companion.nn import Dense, Sequential, Sigmoid
 from companion.training import accuracy, mlp, train
@@ -106,15 +106,7 @@ def verdict_rule(margin: float) -> str:
 
 def verdict(with_bn: Sequence[float], without_bn: Sequence[float], margin: float) -> str:
     """Apply :func:`verdict_rule` to per-seed final test accuracies (NaN, a diverged run, counts as 0)."""
-    tol = 1e-9
-    d = [_or_zero(b) - _or_zero(n) for b, n in zip(with_bn, without_bn)]
-    if all(x >= margin - tol for x in d):
-        return "supported"
-    if all(x <= -margin + tol for x in d):
-        return "contradicted"
-    if all(x < margin - tol for x in d):
-        return "not supported at this scale"
-    return "mixed"
+    return paired_margin_verdict([_or_zero(b) - _or_zero(n) for b, n in zip(with_bn, without_bn)], margin)
 
 
 def deep_verdict_rule(threshold: float) -> str:
