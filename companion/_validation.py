@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "as_float_array",
+    "check_int",
     "channel_axis",
     "check_channel_vector",
     "check_epsilon",
@@ -131,3 +132,20 @@ def check_momentum(momentum: Any) -> float:
             f"received {momentum!r}"
         )
     return float(momentum)
+
+
+def check_int(
+    value: Any, name: str, low: int | None = None, high: int | None = None
+) -> int:
+    """``value`` must be an int (not a bool) in [low, high]; returns it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; received {describe(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            expected = f"an int >= {low}"
+        elif low is None:
+            expected = f"an int <= {high}"
+        else:
+            expected = f"an int in [{low}, {high}]"
+        raise ValueError(f"{name}={value} is out of range; expected {expected}")
+    return int(value)

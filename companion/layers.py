@@ -16,7 +16,9 @@ builds networks from this layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +40,7 @@ from companion.functional import (
     batchnorm_inference,
 )
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "batchnorm_layers", "keep_moving_statistics"]
 
 _STATE_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -274,3 +276,51 @@ class BatchNorm(Layer):
         with np.load(path, allow_pickle=False) as data:
             state = {name: data[name] for name in data.files}
         self._set_state(state, source=f"state file {os.fspath(path)!r}")
+
+
+def batchnorm_layers(model: Any) -> list[BatchNorm]:
+    """Every :class:`BatchNorm` in ``model``, in order, looking inside nested models.
+
+    ``model`` is a layer, or anything with a ``layers`` list (a
+    ``Sequential``), or an iterable of those.
+    """
+    found: list[BatchNorm] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, BatchNorm):
+            found.append(item)
+        elif hasattr(item, "layers"):
+            for inner in item.layers:
+                visit(inner)
+        elif isinstance(item, Iterable) and not isinstance(item, (str, bytes)):
+            for inner in item:
+                visit(inner)
+
+    visit(model)
+    return found
+
+
+@contextlib.contextmanager
+def keep_moving_statistics(model: Any) -> Iterator[None]:
+    """Run the ``with`` block, then put every BatchNorm's moving statistics back.
+
+    For evaluating a model with batch statistics (``training=True``)
+    without the side effect of a training-mode call: the moving mean and
+    variance of every built :class:`BatchNorm` in ``model`` are copied on
+    entry and restored on exit, also when the block raises.  Each layer
+    gets its own values back (layers are matched by identity, not by
+    position).
+    """
+    saved = [
+        (layer, layer.moving_mean.copy(), layer.moving_variance.copy())
+        for layer in batchnorm_layers(model)
+        if layer.moving_mean is not None and layer.moving_variance is not None
+    ]
+    try:
+        yield
+    finally:
+        for layer, mean, variance in saved:
+            assert layer.moving_mean is not None
+            assert layer.moving_variance is not None
+            layer.moving_mean[...] = mean
+            layer.moving_variance[...] = variance
