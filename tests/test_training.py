@@ -40,7 +40,7 @@ def test_mlp_rejects_unknown_options():
         mlp([3], activation="tanh")
     with pytest.raises(ValueError, match=r"batch_norm must be one of \['none', 'before', 'after'\]; received 'middle'"):
         mlp([3], batch_norm="middle")
-    with pytest.raises(ValueError, match=r"hidden width must be >= 1; received 0"):
+    with pytest.raises(ValueError, match=r"hidden width=0 is out of range; expected an int >= 1"):
         mlp([0])
 
 
@@ -53,6 +53,7 @@ def test_training_learns_and_is_deterministic(batch_norm):
         for _ in range(2)
     ]
     first, second = runs
+    np.testing.assert_array_equal(first.pop("final_test_correct"), second.pop("final_test_correct"))
     assert first == second  # same seeds, same numbers, bit for bit
     assert first["steps"] == [0, 20, 40, 60] and len(first["losses"]) == 60
     assert not first["diverged"]
