@@ -14,10 +14,10 @@ import numpy as np
 
 __all__ = [
     "as_float_array",
-    "check_int",
     "channel_axis",
     "check_channel_vector",
     "check_epsilon",
+    "check_int",
     "check_momentum",
     "check_rank",
     "compute_dtype",
@@ -63,8 +63,12 @@ def is_low_precision_float(dtype: np.dtype) -> bool:
     if dtype.kind == "f":
         return dtype.itemsize < 4
     # ml_dtypes registers bfloat16 and the float8 types with kind "V".
-    return dtype.kind == "V" and dtype.names is None and (
-        dtype.name.startswith("bfloat") or dtype.name.startswith("float8")
+    return (
+        dtype.kind == "V"
+        and dtype.names is None
+        and (
+            dtype.name.startswith("bfloat") or dtype.name.startswith("float8")
+        )
     )
 
 
@@ -75,7 +79,11 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     result cast back, because a float16 variance of activations overflows
     (max 65504) and loses most digits in the sum over the batch.
     """
-    return np.dtype(np.float32) if is_low_precision_float(dtype) else np.dtype(dtype)
+    return (
+        np.dtype(np.float32)
+        if is_low_precision_float(dtype)
+        else np.dtype(dtype)
+    )
 
 
 def channel_axis(axis: Any, ndim: int, name: str = "axis") -> int:
@@ -113,7 +121,9 @@ def check_channel_vector(value: Any, name: str, channels: int) -> np.ndarray:
 def check_epsilon(epsilon: Any) -> float:
     """epsilon must be a finite real number > 0."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"epsilon must be a float; received {describe(epsilon)}")
+        raise TypeError(
+            f"epsilon must be a float; received {describe(epsilon)}"
+        )
     if not (np.isfinite(epsilon) and epsilon > 0):
         raise ValueError(
             f"epsilon must be finite and > 0 (it keeps 1/sqrt(var + epsilon) finite "
@@ -125,7 +135,9 @@ def check_epsilon(epsilon: Any) -> float:
 def check_momentum(momentum: Any) -> float:
     """momentum must be a real number in [0, 1] (Keras meaning: weight of the old value)."""
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float; received {describe(momentum)}")
+        raise TypeError(
+            f"momentum must be a float; received {describe(momentum)}"
+        )
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(
             f"momentum must be in [0, 1] (moving = moving * momentum + batch * (1 - momentum)); "
@@ -140,12 +152,16 @@ def check_int(
     """``value`` must be an int (not a bool) in [low, high]; returns it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; received {describe(value)}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    if (low is not None and value < low) or (
+        high is not None and value > high
+    ):
         if high is None:
             expected = f"an int >= {low}"
         elif low is None:
             expected = f"an int <= {high}"
         else:
             expected = f"an int in [{low}, {high}]"
-        raise ValueError(f"{name}={value} is out of range; expected {expected}")
+        raise ValueError(
+            f"{name}={value} is out of range; expected {expected}"
+        )
     return int(value)

@@ -11,7 +11,8 @@ these layers.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,10 +50,14 @@ class Layer:
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
         """Create the arrays for inputs of ``input_shape``."""
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, Any]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
 
-    def _backward(self, dy: np.ndarray, cache: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: Any
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         raise NotImplementedError
 
     # ------------------------------------------------------------ machinery
@@ -66,16 +71,22 @@ class Layer:
         """The trainable arrays by name; these are the arrays themselves, so update them in place."""
         return {name: getattr(self, name) for name in self.trainable_names()}
 
-    def build(self, input_shape: Sequence[int], dtype: Any = np.float32) -> None:
+    def build(
+        self, input_shape: Sequence[int], dtype: Any = np.float32
+    ) -> None:
         """Create the layer's arrays for inputs of ``input_shape`` (batch axis first)."""
-        self._check_input(np.empty((0, *tuple(input_shape)[1:]), dtype=np.float32))
+        self._check_input(
+            np.empty((0, *tuple(input_shape)[1:]), dtype=np.float32)
+        )
         self._build(tuple(input_shape), compute_dtype(np.dtype(dtype)))
         self._built = True
 
     def __call__(self, x: Any, training: bool = False) -> np.ndarray:
         """Forward pass; keeps what :meth:`backward` needs."""
         if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a bool; received {describe(training)}")
+            raise TypeError(
+                f"training must be a bool; received {describe(training)}"
+            )
         x = as_float_array(x, "x")
         self._check_input(x, bool(training))
         if not self._built:
@@ -124,7 +135,11 @@ class Layer:
         the layer unchanged.
         """
         names = self.weight_names()
-        if isinstance(weights, (dict, str)) or not hasattr(weights, "__len__") or len(weights) != len(names):
+        if (
+            isinstance(weights, (dict, str))
+            or not hasattr(weights, "__len__")
+            or len(weights) != len(names)
+        ):
             raise ValueError(
                 f"weights must be a list of {len(names)} arrays ({', '.join(names) or 'none'}) for "
                 f"{type(self).__name__}; received {describe(weights)}"
@@ -138,7 +153,9 @@ class Layer:
             array = as_float_array(value, f"weights[{name!r}]")
             expected = getattr(self, name).shape
             if array.shape != expected:
-                raise ValueError(f"weights[{name!r}] has shape {array.shape}; expected {expected}")
+                raise ValueError(
+                    f"weights[{name!r}] has shape {array.shape}; expected {expected}"
+                )
             arrays.append(array)
         for name, array in zip(names, arrays):
             getattr(self, name)[...] = array

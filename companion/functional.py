@@ -79,7 +79,9 @@ class BatchNormCache(NamedTuple):
         return self.x_hat.size // self.x_hat.shape[self.axis]
 
 
-def _channel_sum(a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1) -> np.ndarray:
+def _channel_sum(
+    a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1
+) -> np.ndarray:
     """Per-channel sum over ``axes`` (keepdims), divided by ``divide_by``, accumulated in float64.
 
     numpy adds along non-contiguous axes one value after another, so a float32
@@ -87,18 +89,29 @@ def _channel_sum(a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1) -> np
     digits; accumulating in (at least) float64 and rounding once keeps float32
     statistics within an ulp or two of the exact ones.
     """
-    total = a.sum(axis=axes, keepdims=True, dtype=np.promote_types(a.dtype, np.float64))
+    total = a.sum(
+        axis=axes, keepdims=True, dtype=np.promote_types(a.dtype, np.float64)
+    )
     return (total / divide_by).astype(a.dtype, copy=False)
 
 
 def _channel_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Per-channel mean over ``axes`` (keepdims), accumulated in float64."""
-    return _channel_sum(a, axes, divide_by=int(np.prod([a.shape[i] for i in axes])))
+    return _channel_sum(
+        a, axes, divide_by=int(np.prod([a.shape[i] for i in axes]))
+    )
 
 
 def _prepare(
     x: object, params: dict[str, object], axis: object, epsilon: object
-) -> tuple[np.ndarray, dict[str, np.ndarray], int, tuple[int, ...], tuple[int, ...], float]:
+) -> tuple[
+    np.ndarray,
+    dict[str, np.ndarray],
+    int,
+    tuple[int, ...],
+    tuple[int, ...],
+    float,
+]:
     """Validate the common arguments.
 
     Returns the input array, the per-channel arrays, the normalized axis, the
@@ -108,7 +121,10 @@ def _prepare(
     check_rank(x_array)
     kept = channel_axis(axis, x_array.ndim)
     channels = x_array.shape[kept]
-    checked = {name: check_channel_vector(value, name, channels) for name, value in params.items()}
+    checked = {
+        name: check_channel_vector(value, name, channels)
+        for name, value in params.items()
+    }
     eps = check_epsilon(epsilon)
     reduce_axes = tuple(i for i in range(x_array.ndim) if i != kept)
     shape = tuple(channels if i == kept else 1 for i in range(x_array.ndim))
@@ -222,7 +238,10 @@ def _check_backward_args(dy: object, cache: object) -> np.ndarray:
 
 
 def _cast_grads(
-    dx: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray, cache: BatchNormCache
+    dx: np.ndarray,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    cache: BatchNormCache,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients in the dtypes of what they are gradients of; dgamma, dbeta of shape (C,)."""
     return (
@@ -270,7 +289,9 @@ def batchnorm_backward(
     dbeta = _channel_sum(dy, cache.reduce_axes)
     dgamma = _channel_sum(dy * cache.x_hat, cache.reduce_axes)
     m = cache.count
-    dx = (cache.gamma * cache.inv_std) * (dy - dbeta / m - cache.x_hat * (dgamma / m))
+    dx = (cache.gamma * cache.inv_std) * (
+        dy - dbeta / m - cache.x_hat * (dgamma / m)
+    )
     return _cast_grads(dx, dgamma, dbeta, cache)
 
 
@@ -302,8 +323,15 @@ def batchnorm_backward_staged(
     """
     dy = _check_backward_args(dy, cache)
     axes, m = cache.reduce_axes, cache.count
-    xc, x_hat, inv_std, gamma = cache.x_centered, cache.x_hat, cache.inv_std, cache.gamma
-    std = np.sqrt(cache.var.reshape(inv_std.shape) + inv_std.dtype.type(cache.epsilon))
+    xc, x_hat, inv_std, gamma = (
+        cache.x_centered,
+        cache.x_hat,
+        cache.inv_std,
+        cache.gamma,
+    )
+    std = np.sqrt(
+        cache.var.reshape(inv_std.shape) + inv_std.dtype.type(cache.epsilon)
+    )
 
     # (10) y = scaled + beta
     dbeta = _channel_sum(dy, axes)
@@ -389,5 +417,12 @@ def batchnorm_inference(
         params[name].astype(dtype).reshape(shape)
         for name in ("moving_mean", "moving_variance", "gamma", "beta")
     )
-    y = gamma_b * ((x.astype(dtype, copy=False) - mean) / np.sqrt(var + dtype.type(eps))) + beta_b
+    y = (
+        gamma_b
+        * (
+            (x.astype(dtype, copy=False) - mean)
+            / np.sqrt(var + dtype.type(eps))
+        )
+        + beta_b
+    )
     return y.astype(x.dtype, copy=False)

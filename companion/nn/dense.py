@@ -36,7 +36,9 @@ class Dense(Layer):
         Seed of the Glorot-uniform initialization of ``kernel``.
     """
 
-    def __init__(self, units: int, use_bias: bool = True, seed: int | None = None) -> None:
+    def __init__(
+        self, units: int, use_bias: bool = True, seed: int | None = None
+    ) -> None:
         super().__init__()
         self.units = positive_int(units, "units")
         self.use_bias = bool(use_bias)
@@ -52,23 +54,35 @@ class Dense(Layer):
 
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim != 2:
-            raise ValueError(f"x must have shape (N, features); received shape {x.shape} (use Flatten first)")
+            raise ValueError(
+                f"x must have shape (N, features); received shape {x.shape} (use Flatten first)"
+            )
         if self.kernel is not None and x.shape[1] != self.kernel.shape[0]:
             raise ValueError(
                 f"x has {x.shape[1]} features; this Dense was built for {self.kernel.shape[0]}"
             )
 
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.kernel = glorot_uniform((input_shape[1], self.units), input_shape[1], self.units, self.seed, dtype)
+        self.kernel = glorot_uniform(
+            (input_shape[1], self.units),
+            input_shape[1],
+            self.units,
+            self.seed,
+            dtype,
+        )
         self.bias = np.zeros(self.units, dtype) if self.use_bias else None
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _DenseCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _DenseCache]:
         y = x @ self.kernel
         if self.bias is not None:
             y = y + self.bias
         return y, _DenseCache(x=x, output_shape=y.shape)
 
-    def _backward(self, dy: np.ndarray, cache: _DenseCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _DenseCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         grads = {"kernel": cache.x.T @ dy}
         if self.bias is not None:
             grads["bias"] = dy.sum(axis=0)
@@ -88,11 +102,17 @@ class Flatten(Layer):
 
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim < 2:
-            raise ValueError(f"x must have a batch axis and at least one more; received shape {x.shape}")
+            raise ValueError(
+                f"x must have a batch axis and at least one more; received shape {x.shape}"
+            )
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _FlattenCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _FlattenCache]:
         y = x.reshape(x.shape[0], -1)
         return y, _FlattenCache(input_shape=x.shape, output_shape=y.shape)
 
-    def _backward(self, dy: np.ndarray, cache: _FlattenCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _FlattenCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return dy.reshape(cache.input_shape), {}

@@ -13,7 +13,11 @@ __all__ = ["glorot_uniform", "positive_int"]
 
 
 def glorot_uniform(
-    shape: tuple[int, ...], fan_in: int, fan_out: int, seed: int | None, dtype: Any
+    shape: tuple[int, ...],
+    fan_in: int,
+    fan_out: int,
+    seed: int | None,
+    dtype: Any,
 ) -> np.ndarray:
     r"""Keras's default kernel initializer: :math:`U(-l, l)`, :math:`l = \sqrt{6 / (n_{in} + n_{out})}`.
 
@@ -21,7 +25,11 @@ def glorot_uniform(
     keep their variance from layer to layer in a linear network.
     """
     limit = np.sqrt(6.0 / (fan_in + fan_out))
-    return np.random.default_rng(seed).uniform(-limit, limit, size=shape).astype(dtype)
+    return (
+        np.random.default_rng(seed)
+        .uniform(-limit, limit, size=shape)
+        .astype(dtype)
+    )
 
 
 def positive_int(value: Any, name: str) -> int:

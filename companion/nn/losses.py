@@ -27,7 +27,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, np.ndarray]:
+def softmax_cross_entropy(
+    logits: Any, labels: Any
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of ``logits`` (N, K) against integer ``labels`` (N,).
 
     Returns
@@ -39,11 +41,17 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, np.ndarray]:
     z = as_float_array(logits, "logits")
     t = np.asarray(labels)
     if z.ndim != 2:
-        raise ValueError(f"logits must have shape (N, classes); received shape {z.shape}")
+        raise ValueError(
+            f"logits must have shape (N, classes); received shape {z.shape}"
+        )
     if t.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integers (class indices); received {describe(t)}")
+        raise TypeError(
+            f"labels must be integers (class indices); received {describe(t)}"
+        )
     if t.shape != (z.shape[0],):
-        raise ValueError(f"labels must have shape ({z.shape[0]},); received shape {t.shape}")
+        raise ValueError(
+            f"labels must have shape ({z.shape[0]},); received shape {t.shape}"
+        )
     if t.size and (t.min() < 0 or t.max() >= z.shape[1]):
         raise ValueError(
             f"labels must be in [0, {z.shape[1] - 1}]; received values from {t.min()} to {t.max()}"

@@ -11,7 +11,7 @@ momentum=mu)``; ``tf.compat.v1.train.MomentumOptimizer`` takes the same steps).
 from __future__ import annotations
 
 import numbers
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -32,11 +32,19 @@ class SGD:
     the velocities are kept per array.
     """
 
-    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0) -> None:
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
-            raise TypeError(f"learning_rate must be a float; received {describe(learning_rate)}")
+    def __init__(
+        self, learning_rate: float = 0.01, momentum: float = 0.0
+    ) -> None:
+        if isinstance(learning_rate, bool) or not isinstance(
+            learning_rate, numbers.Real
+        ):
+            raise TypeError(
+                f"learning_rate must be a float; received {describe(learning_rate)}"
+            )
         if not (np.isfinite(learning_rate) and learning_rate > 0):
-            raise ValueError(f"learning_rate must be finite and > 0; received {learning_rate!r}")
+            raise ValueError(
+                f"learning_rate must be finite and > 0; received {learning_rate!r}"
+            )
         self.learning_rate = float(learning_rate)
         self.momentum = check_momentum(momentum)
         self._velocity: dict[int, np.ndarray] = {}
@@ -62,7 +70,9 @@ class SGD:
                     )
                 pairs.append((param, layer.grads[name]))
         for param, grad in pairs:
-            velocity = self._velocity.setdefault(id(param), np.zeros_like(param))
+            velocity = self._velocity.setdefault(
+                id(param), np.zeros_like(param)
+            )
             velocity *= self.momentum
             velocity -= self.learning_rate * grad
             param += velocity

@@ -47,14 +47,20 @@ class MaxPool2D(Layer):
     def __init__(self, pool_size: int = 2, strides: int | None = None) -> None:
         super().__init__()
         self.pool_size = positive_int(pool_size, "pool_size")
-        self.strides = self.pool_size if strides is None else positive_int(strides, "strides")
+        self.strides = (
+            self.pool_size
+            if strides is None
+            else positive_int(strides, "strides")
+        )
 
     def __repr__(self) -> str:
         return f"MaxPool2D(pool_size={self.pool_size}, strides={self.strides})"
 
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim != 4:
-            raise ValueError(f"x must be an NHWC batch of rank 4; received shape {x.shape}")
+            raise ValueError(
+                f"x must be an NHWC batch of rank 4; received shape {x.shape}"
+            )
         if min(x.shape[1], x.shape[2]) < self.pool_size:
             raise ValueError(
                 f"x of height x width {x.shape[1]} x {x.shape[2]} is smaller than the "
@@ -67,13 +73,19 @@ class MaxPool2D(Layer):
         windows = sliding_window_view(x, (p, p), axis=(1, 2))[:, ::s, ::s]
         return windows.reshape(*windows.shape[:4], p * p)
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, _PoolCache]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, _PoolCache]:
         windows = self._windows(x)
         argmax = windows.argmax(axis=-1)
         y = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
-        return y, _PoolCache(input_shape=x.shape, argmax=argmax, output_shape=y.shape)
+        return y, _PoolCache(
+            input_shape=x.shape, argmax=argmax, output_shape=y.shape
+        )
 
-    def _backward(self, dy: np.ndarray, cache: _PoolCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _backward(
+        self, dy: np.ndarray, cache: _PoolCache
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         p, s = self.pool_size, self.strides
         n, h, w, c = dy.shape
         # Input coordinates of every window's maximum, each of shape (N, H', W', C).
@@ -82,7 +94,9 @@ class MaxPool2D(Layer):
         index = (np.arange(n).reshape(n, 1, 1, 1), rows, cols, np.arange(c))
         dx = np.zeros(cache.input_shape, dtype=dy.dtype)
         if s >= p:
-            dx[index] = dy  # disjoint windows: every input position receives at most once
+            dx[index] = (
+                dy  # disjoint windows: every input position receives at most once
+            )
         else:
             np.add.at(dx, index, dy)  # overlapping windows can share a maximum
         return dx, {}

@@ -8,7 +8,8 @@ text's network with it.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,9 @@ class Sequential:
         layers = list(layers)
         for index, layer in enumerate(layers):
             if not isinstance(layer, Layer):
-                raise TypeError(f"layers[{index}] must be a companion layer; received {describe(layer)}")
+                raise TypeError(
+                    f"layers[{index}] must be a companion layer; received {describe(layer)}"
+                )
         self.layers = layers
 
     def __repr__(self) -> str:
@@ -57,7 +60,9 @@ class Sequential:
             dy = layer.backward(dy)
         return dy
 
-    def build(self, input_shape: Sequence[int], dtype: Any = np.float32) -> None:
+    def build(
+        self, input_shape: Sequence[int], dtype: Any = np.float32
+    ) -> None:
         """Build every layer by running one inference-mode pass on zeros of ``input_shape``."""
         self(np.zeros((1, *tuple(input_shape)[1:]), dtype=dtype))
 
@@ -77,7 +82,11 @@ class Sequential:
         chunks, start = [], 0
         for layer, count in zip(self.layers, counts):
             chunk = weights[start : start + count]
-            for name, value, current in zip(layer.weight_names(), chunk, layer.get_weights() if count else []):
+            for name, value, current in zip(
+                layer.weight_names(),
+                chunk,
+                layer.get_weights() if count else [],
+            ):
                 if np.shape(value) != current.shape:
                     raise ValueError(
                         f"weights for {layer!r} {name!r} have shape {np.shape(value)}; expected {current.shape}"
@@ -91,4 +100,8 @@ class Sequential:
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Trainable arrays by ``"<index>.<name>"`` (e.g. ``"0.kernel"``)."""
-        return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.params.items()}
+        return {
+            f"{i}.{name}": a
+            for i, layer in enumerate(self.layers)
+            for name, a in layer.params.items()
+        }
