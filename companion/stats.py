@@ -290,7 +290,9 @@ def decide(
     if margin <= 0:
         raise ValueError(f"margin must be > 0; received {margin!r}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1); received {confidence!r}")
+        raise ValueError(
+            f"confidence must be in (0, 1); received {confidence!r}"
+        )
     if d.size < 2:
         raise ValueError(
             f"effects must hold at least 2 seeds for an interval; received {d.size}"
@@ -345,8 +347,13 @@ def _check_runs(correct: Mapping[str, Correct]) -> int:
         name: np.shape(c) for name, c in correct.items() if c is not None
     }
     if not lengths:
-        raise ValueError("every run diverged: there is no test set to resample")
-    if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
+        raise ValueError(
+            "every run diverged: there is no test set to resample"
+        )
+    if (
+        len(set(lengths.values())) != 1
+        or len(next(iter(lengths.values()))) != 1
+    ):
         raise ValueError(
             "the runs of one seed must be evaluated on the same test images "
             f"(1-D arrays of one length); received shapes {lengths}"
@@ -399,7 +406,9 @@ def sampling_variance(
     names = list(correct)
     matrix = np.stack(
         [
-            np.zeros(n) if correct[k] is None else np.asarray(correct[k], float)
+            np.zeros(n)
+            if correct[k] is None
+            else np.asarray(correct[k], float)
             for k in names
         ]
     )

@@ -6,13 +6,20 @@ Every experiment is a module of this package with
 * ``CONFIG_TEST`` / ``CONFIG_CI`` / ``CONFIG_FULL`` -- dicts of settings: a
   tiny scale for the unit tests, the scale a chapter runs in CI (seconds),
   and the full scale (minutes, outside CI);
-* ``run(config, seeds) -> dict`` -- plain, JSON-serializable results.
+* ``measures(config)`` -- its claims (:class:`companion.stats.Claim`, with
+  margins fixed before any run) and how a seed's runs give each effect
+  (:class:`~companion.experiments.common.Measure`);
+* ``EXPECTED_CI`` -- the verdict the book states for each claim at CI
+  scale: the chapter asserts it for seeds 0-4 and ``make robustness``
+  for seeds the book never uses;
+* ``run(config, seeds) -> dict`` -- plain, JSON-serializable results with
+  ``runs`` (per seed, ``{run name: record}``) and ``verdicts``.
 
 :func:`run_experiment` adds what produced the numbers (name, scale, config,
-seeds, wall time); the command line ``python -m companion.experiments NAME
-[--full] [--seeds N] [--out FILE]`` writes them to JSON.  Full-scale results
-are committed under ``book/data/`` and plotted by the chapters next to their
-CI-scale runs.
+seeds, provenance, wall time); the command line ``python -m
+companion.experiments NAME [--full] [--seeds N] [--first-seed K] [--out
+FILE]`` writes them to JSON.  Full-scale results are committed under
+``book/data/`` and plotted by the chapters next to their CI-scale runs.
 """
 
 from __future__ import annotations
@@ -25,11 +32,26 @@ import time
 from types import ModuleType
 from typing import Any, Sequence
 
-from companion._validation import describe
+from companion._validation import check_int, describe
+from companion.provenance import provenance
 
-__all__ = ["available", "load_results", "run_experiment", "save_results"]
+__all__ = [
+    "BOOK_SEEDS",
+    "ROBUSTNESS_SEEDS",
+    "available",
+    "load_results",
+    "outcomes",
+    "run_experiment",
+    "save_results",
+]
 
 _NOT_EXPERIMENTS = {"__main__", "common"}
+
+BOOK_SEEDS = list(range(5))
+"""The seeds every chapter and every full-scale file uses."""
+ROBUSTNESS_SEEDS = list(range(1000, 1005))
+"""Seeds the book never uses: ``make robustness`` checks the verdicts
+with them."""
 
 
 def available() -> dict[str, str]:
@@ -47,9 +69,13 @@ def _module(name: str) -> ModuleType:
 
 
 def run_experiment(
-    name: str, *, full: bool = False, seeds: int | Sequence[int] = 3, config: dict[str, Any] | None = None
+    name: str,
+    *,
+    full: bool = False,
+    seeds: int | Sequence[int] = 5,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run experiment ``name`` at CI scale (or ``full`` scale) for the given seeds.
+    """Run experiment ``name`` at CI scale (or ``full`` scale) for ``seeds``.
 
     Parameters
     ----------
@@ -57,25 +83,43 @@ def run_experiment(
         Settings that replace entries of the scale's config (e.g. the unit
         tests run ``CONFIG_TEST``).
     seeds : int or sequence of int
-        ``3`` means seeds 0, 1, 2.
+        ``5`` means seeds 0 to 4 (:data:`BOOK_SEEDS`).
 
     Returns
     -------
     dict
-        ``name``, ``scale``, ``config``, ``seeds``, ``wall_time_s`` and the
-        experiment's own ``results``.
+        ``name``, ``description``, ``scale``, ``config``, ``seeds``,
+        ``command``, ``provenance`` (:func:`companion.provenance.provenance`),
+        ``wall_time_s`` and the experiment's own ``results``.
     """
     names = available()
     if name not in names:
-        raise ValueError(f"name must be one of {sorted(names)}; received {describe(name)}")
+        raise ValueError(
+            f"name must be one of {sorted(names)}; received {describe(name)}"
+        )
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1; received {seeds}")
-        seed_list = list(range(seeds))
+        seed_list = list(range(check_int(seeds, "seeds", low=1)))
     else:
-        seed_list = [int(s) for s in seeds]
+        seed_list = [check_int(s, "seeds[i]", low=0) for s in seeds]
+        if not seed_list or len(set(seed_list)) != len(seed_list):
+            raise ValueError(
+                "seeds must be a non-empty list of distinct ints; received "
+                f"{describe(seeds)}"
+            )
     module = _module(name)
-    config = {**(module.CONFIG_FULL if full else module.CONFIG_CI), **(config or {})}
+    base = module.CONFIG_FULL if full else module.CONFIG_CI
+    unknown = set(config or {}) - set(base)
+    if unknown:
+        raise ValueError(
+            f"config has keys {sorted(unknown)} that {name} does not know; "
+            f"expected a subset of {sorted(base)}"
+        )
+    config = {**base, **(config or {})}
+    command = f"python -m companion.experiments {name}"
+    command += " --full" if full else ""
+    command += f" --seeds {len(seed_list)}"
+    if seed_list != list(range(len(seed_list))):
+        command += f" --first-seed {seed_list[0]}"
     start = time.perf_counter()
     results = module.run(config, seed_list)
     return {
@@ -84,9 +128,18 @@ def run_experiment(
         "scale": "full" if full else "ci",
         "config": config,
         "seeds": seed_list,
-        "command": f"python -m companion.experiments {name}{' --full' if full else ''} --seeds {len(seed_list)}",
+        "command": command,
+        "provenance": provenance(command),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "results": results,
+    }
+
+
+def outcomes(result: dict[str, Any]) -> dict[str, str]:
+    """``{claim key: outcome}`` of a :func:`run_experiment` result."""
+    return {
+        key: verdict["outcome"]
+        for key, verdict in result["results"]["verdicts"].items()
     }
 
 
@@ -111,6 +164,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if hasattr(value, "tolist"):
         return _jsonable(value.tolist())
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+    if isinstance(value, float) and (
+        value != value or value in (float("inf"), float("-inf"))
+    ):
         return None
     return value

@@ -1,4 +1,5 @@
-"""Command line: ``python -m companion.experiments NAME [--full] [--seeds N] [--out FILE]``."""
+"""Command line: ``python -m companion.experiments NAME [--full] [--seeds N]
+[--first-seed K] [--out FILE]``."""
 
 from __future__ import annotations
 
@@ -6,24 +7,44 @@ import argparse
 import json
 import sys
 
-from companion.experiments import _jsonable, available, run_experiment, save_results
+from companion.experiments import (
+    _jsonable,
+    available,
+    run_experiment,
+    save_results,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one experiment; print its JSON or write it to ``--out``."""
     experiments = available()
     parser = argparse.ArgumentParser(
         prog="python -m companion.experiments",
-        description="Run one of the book's experiments and print or save its results as JSON.",
-        epilog="experiments: " + "; ".join(f"{name}: {text}" for name, text in experiments.items()),
+        description="Run one of the book's experiments and print or save "
+        "its results as JSON.",
+        epilog="experiments: "
+        + "; ".join(f"{name}: {text}" for name, text in experiments.items()),
     )
-    parser.add_argument("name", choices=sorted(experiments), help="which experiment")
-    parser.add_argument("--full", action="store_true", help="full scale (minutes) instead of CI scale (seconds)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    parser.add_argument("--out", help="write the JSON here instead of printing it")
+    parser.add_argument("name", choices=sorted(experiments))
+    parser.add_argument(
+        "--full", action="store_true", help="full scale instead of CI scale"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="number of seeds (default 5)"
+    )
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds K..K+N-1 (default 0)"
+    )
+    parser.add_argument(
+        "--out", help="write the JSON here instead of printing"
+    )
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1; received {args.seeds}")
-    result = run_experiment(args.name, full=args.full, seeds=args.seeds)
+    if args.seeds < 2:
+        parser.error(f"--seeds must be >= 2; received {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0; received {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    result = run_experiment(args.name, full=args.full, seeds=seeds)
     if args.out:
         save_results(result, args.out)
         print(f"{args.name}: {result['wall_time_s']} s, written to {args.out}")

@@ -22,9 +22,10 @@ the batch norm layer's input.  The sigmoid networks have one more arm,
 ``"before_centered"`` (:data:`EXTRA_ARMS`), which explains a result and does
 not enter the verdict.
 
-Headline: per (nonlinearity, learning rate, seed), the difference
-before - after of the final test accuracy, in percentage points; "supported"
-means that the paper's placement wins every pair by more than ``margin``.
+The claims (:func:`measures`), one per nonlinearity: per seed, the final
+test accuracy with batch norm before the nonlinearity minus after it, in
+percentage points, averaged over the learning rates.  The verdict is
+symmetric: "contradicted" means that "after" wins by more than the margin.
 Chapter 13, "Before or after the activation?", runs it.
 """
 
@@ -32,17 +33,53 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from companion.experiments.common import mnist, one_blas_thread, summarize
-from companion.experiments.learning_rates import eval_steps
+from companion.experiments.common import (
+    TWIN,
+    Measure,
+    mnist,
+    noise,
+    one_blas_thread,
+    perturb_ulp,
+    record,
+    verdicts,
+)
 from companion.layers import BatchNorm
 from companion.nn import Dense, ReLU, Sequential, Sigmoid
+from companion.stats import Claim
 from companion.training import mlp, train
 
-DESCRIPTION = "Batch norm before the nonlinearity (the paper's placement) beats batch norm after it"
+__all__ = [
+    "CONFIG_CI",
+    "CONFIG_FULL",
+    "CONFIG_TEST",
+    "DESCRIPTION",
+    "EXPECTED_CI",
+    "EXTRA_ARMS",
+    "SIGMOID_LOW_GRADIENT_Z",
+    "CenteredSigmoid",
+    "arms",
+    "build",
+    "hidden_statistics",
+    "low_gradient_fraction",
+    "mean_abs_skewness",
+    "mean_share",
+    "measures",
+    "rms",
+    "run",
+    "run_name",
+    "steps_to_threshold",
+    "train_one",
+]
+
+DESCRIPTION = (
+    "Batch norm before the nonlinearity (the paper's placement) versus "
+    "batch norm after it"
+)
 
 CONFIG_TEST: dict[str, Any] = {
     "hidden": [16, 16],
@@ -50,48 +87,73 @@ CONFIG_TEST: dict[str, Any] = {
     "learning_rates": [0.1, 1.0],
     "steps": 12,
     "batch_size": 60,
-    "momentum": 0.0,
     "bn_momentum": 0.99,
     "eval_every": 6,
     "threshold": 0.5,
-    "margin": 0.5,
+    "margin_points": 1.0,
+    "reference": True,
+    "extra_arms": True,
+    "twins": True,
 }
 CONFIG_CI: dict[str, Any] = {
+    **CONFIG_TEST,
     "hidden": [100, 100, 100],
-    "activations": ["relu", "sigmoid"],
-    "learning_rates": [0.1, 1.0],
-    "steps": 800,
-    "batch_size": 60,
-    "momentum": 0.0,
-    "bn_momentum": 0.99,
+    "steps": 600,
     "eval_every": 50,
     "threshold": 0.9,
-    "margin": 0.5,
+    "reference": False,
+    "extra_arms": False,
+    "twins": False,
 }
-CONFIG_FULL: dict[str, Any] = {**CONFIG_CI, "steps": 5000, "eval_every": 100}
+CONFIG_FULL: dict[str, Any] = {
+    **CONFIG_CI,
+    "steps": 5000,
+    "eval_every": 100,
+    "reference": True,
+    "extra_arms": True,
+    "twins": True,
+}
 
-PLACEMENTS = ("none", "before", "after")
-"""The ``batch_norm`` arguments of :func:`companion.training.mlp` that are compared."""
+EXPECTED_CI = {
+    "relu_placement": "inconclusive",
+    "sigmoid_placement": "inconclusive",
+}
+"""What chapter 13 states for the CI-scale run (and ``make robustness``
+checks with other seeds)."""
 
 EXTRA_ARMS = {"sigmoid": ("before_centered", "before_output_bn")}
-"""Arms that test explanations of a result and do not enter the verdict, both variants of ``"before"``:
-``"before_centered"`` uses :class:`CenteredSigmoid` (sigmoid - 1/2) instead of the sigmoid, so the
-output layer's input has mean ~0; ``"before_output_bn"`` adds a BatchNorm in front of the output
+"""Arms that test explanations of a result (``config["extra_arms"]``),
+both variants of ``"before"``: ``"before_centered"`` uses
+:class:`CenteredSigmoid` (sigmoid - 1/2), so the output layer's input has
+mean ~0; ``"before_output_bn"`` adds a BatchNorm in front of the output
 layer, so the output layer sees normalized inputs as in ``"after"``."""
 
+TWINNED = ("after",)
+"""The placement whose runs get a one-ulp twin when ``config["twins"]``."""
 
-PER_RUN = (
-    "final_test_accuracy", "diverged", "steps_run", "steps_to_threshold",
-    "test_accuracy_curve", "train_loss_curve",
-    "low_gradient_start", "low_gradient_end", "activation_input_rms_start", "activation_input_rms_end",
-    "mean_share_start", "mean_share_end", "bn_input_skewness_start", "bn_input_skewness_end",
-)
-"""The per-run records; ``runs[activation][i_lr][placement][key]`` is a list over seeds."""
+
+def arms(config: Mapping[str, Any], activation: str) -> list[str]:
+    """The placements trained for ``activation``."""
+    out = ["before", "after"]
+    if config["reference"]:
+        out = ["none", *out]
+    if config["extra_arms"]:
+        out += list(EXTRA_ARMS.get(activation, ()))
+    return out
+
+
+def run_name(activation: str, placement: str, index: int) -> str:
+    """The name of a run: ``"relu/after/lr1"`` is the second learning rate."""
+    return f"{activation}/{placement}/lr{index}"
+
 
 LOW_GRADIENT = 0.1
 """A nonlinearity input z has a 'low gradient' when f'(z) < LOW_GRADIENT * max f'."""
 
-SIGMOID_LOW_GRADIENT_Z = math.log((1.0 + math.sqrt(1.0 - LOW_GRADIENT)) / (1.0 - math.sqrt(1.0 - LOW_GRADIENT)))
+SIGMOID_LOW_GRADIENT_Z = math.log(
+    (1.0 + math.sqrt(1.0 - LOW_GRADIENT))
+    / (1.0 - math.sqrt(1.0 - LOW_GRADIENT))
+)
 r"""The :math:`|z|` above which :math:`\sigma'(z) < 0.1 \cdot \sigma'(0)`: :math:`\sigma(1-\sigma) = 0.025` at
 :math:`\sigma = (1 - \sqrt{0.9})/2`, i.e. :math:`|z| = \ln\frac{1+\sqrt{0.9}}{1-\sqrt{0.9}} \approx 3.64`."""
 
@@ -109,12 +171,21 @@ class CenteredSigmoid(Sigmoid):
     def __repr__(self) -> str:
         return "CenteredSigmoid()"
 
-    def _forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, Any]:
+    def _forward(
+        self, x: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, Any]:
         y, cache = super()._forward(x, training)
         return (y - 0.5).astype(y.dtype, copy=False), cache
 
 
-def build(hidden: Sequence[int], activation: str, placement: str, *, momentum: float = 0.99, seed: int = 0) -> Sequential:
+def build(
+    hidden: Sequence[int],
+    activation: str,
+    placement: str,
+    *,
+    momentum: float = 0.99,
+    seed: int = 0,
+) -> Sequential:
     """:func:`companion.training.mlp` for a placement of :data:`PLACEMENTS` or an arm of :data:`EXTRA_ARMS`.
 
     ``"before_centered"``: ``"before"`` with every :class:`~companion.nn.Sigmoid`
@@ -124,59 +195,33 @@ def build(hidden: Sequence[int], activation: str, placement: str, *, momentum: f
     """
     if placement in ("before_centered", "before_output_bn"):
         if activation != "sigmoid":
-            raise ValueError(f"placement {placement!r} needs activation 'sigmoid'; received {activation!r}")
-        model = mlp(hidden, activation="sigmoid", batch_norm="before", momentum=momentum, seed=seed)
+            raise ValueError(
+                f"placement {placement!r} needs activation 'sigmoid'; received {activation!r}"
+            )
+        model = mlp(
+            hidden,
+            activation="sigmoid",
+            batch_norm="before",
+            momentum=momentum,
+            seed=seed,
+        )
         if placement == "before_centered":
-            model.layers = [CenteredSigmoid() if isinstance(layer, Sigmoid) else layer for layer in model.layers]
+            model.layers = [
+                CenteredSigmoid() if isinstance(layer, Sigmoid) else layer
+                for layer in model.layers
+            ]
         else:
-            model.layers.insert(len(model.layers) - 1, BatchNorm(momentum=momentum))
+            model.layers.insert(
+                len(model.layers) - 1, BatchNorm(momentum=momentum)
+            )
         return model
-    return mlp(hidden, activation=activation, batch_norm=placement, momentum=momentum, seed=seed)
-
-
-def verdict_rule(margin: float) -> str:
-    """The verdict rule, in words, with its margin filled in (fixed before any result was seen)."""
-    return (
-        f"A pair is one (nonlinearity, learning rate, seed): the 'before' and the 'after' network start from "
-        f"the same kernels and see the same mini-batches. d = final test accuracy (before) - (after), in "
-        f"percentage points. 'before' wins the pair if d > {margin:g}, 'after' wins if d < -{margin:g}, "
-        f"otherwise it is a tie; a run that diverged loses to one that did not, and two diverged runs tie. "
-        f"'supported' (the paper's placement wins) if 'before' wins every pair; 'contradicted' if 'after' "
-        f"wins every pair; otherwise 'mixed' if 'before' wins at least one pair, and 'not supported at this "
-        f"scale' if it wins none."
+    return mlp(
+        hidden,
+        activation=activation,
+        batch_norm=placement,
+        momentum=momentum,
+        seed=seed,
     )
-
-
-def winner(before: float, after: float, margin: float) -> str:
-    """'before', 'after' or 'tie' for one pair of final test accuracies in percent (NaN = diverged)."""
-    if math.isnan(before) and math.isnan(after):
-        return "tie"
-    if math.isnan(after):
-        return "before"
-    if math.isnan(before):
-        return "after"
-    tol = 1e-9  # accuracies are multiples of 0.1 point: a difference of exactly `margin` is a tie
-    if before - after > margin + tol:
-        return "before"
-    if after - before > margin + tol:
-        return "after"
-    return "tie"
-
-
-def percent(accuracy: float) -> float:
-    """An accuracy (fraction) in percent, rounded to 1e-6 so that 0.581 gives 58.1, not 58.099999999999994."""
-    return round(100.0 * accuracy, 6)
-
-
-def verdict(winners: Sequence[str]) -> str:
-    """Apply :func:`verdict_rule` to the winners of all pairs."""
-    if winners and all(w == "before" for w in winners):
-        return "supported"
-    if winners and all(w == "after" for w in winners):
-        return "contradicted"
-    if any(w == "before" for w in winners):
-        return "mixed"
-    return "not supported at this scale"
 
 
 def low_gradient_fraction(z: np.ndarray, activation: str) -> float:
@@ -189,7 +234,9 @@ def low_gradient_fraction(z: np.ndarray, activation: str) -> float:
         return float(np.mean(z <= 0))
     if activation == "sigmoid":
         return float(np.mean(np.abs(z) > SIGMOID_LOW_GRADIENT_Z))
-    raise ValueError(f"activation must be 'relu' or 'sigmoid'; received {activation!r}")
+    raise ValueError(
+        f"activation must be 'relu' or 'sigmoid'; received {activation!r}"
+    )
 
 
 def mean_share(h: np.ndarray) -> float:
@@ -203,7 +250,9 @@ def mean_share(h: np.ndarray) -> float:
     m, v = h.mean(axis=0), h.var(axis=0)
     second = m**2 + v
     keep = second > 0
-    return float(np.mean(m[keep] ** 2 / second[keep])) if keep.any() else math.nan
+    return (
+        float(np.mean(m[keep] ** 2 / second[keep])) if keep.any() else math.nan
+    )
 
 
 def rms(z: np.ndarray) -> float:
@@ -220,10 +269,16 @@ def mean_abs_skewness(x: np.ndarray) -> float:
     keep = v > 1e-12
     if not keep.any():
         return math.nan
-    return float(np.mean(np.abs(np.mean(centred[:, keep] ** 3, axis=0)) / v[keep] ** 1.5))
+    return float(
+        np.mean(
+            np.abs(np.mean(centred[:, keep] ** 3, axis=0)) / v[keep] ** 1.5
+        )
+    )
 
 
-def hidden_statistics(model: Sequential, x: np.ndarray, activation: str) -> dict[str, list[float]]:
+def hidden_statistics(
+    model: Sequential, x: np.ndarray, activation: str
+) -> dict[str, list[float]]:
     """Statistics of every hidden layer of an :func:`companion.training.mlp` on the images ``x``, as one batch.
 
     Batch norm layers normalize with the statistics of ``x`` (training mode,
@@ -239,7 +294,12 @@ def hidden_statistics(model: Sequential, x: np.ndarray, activation: str) -> dict
     hidden layer's BatchNorm; NaN without batch norm), one value per hidden
     layer.
     """
-    stats: dict[str, list[float]] = {"low_gradient": [], "activation_input_rms": [], "mean_share": [], "bn_input_skewness": []}
+    stats: dict[str, list[float]] = {
+        "low_gradient": [],
+        "activation_input_rms": [],
+        "mean_share": [],
+        "bn_input_skewness": [],
+    }
     h, seen_dense = x, False
     for layer in copy.deepcopy(model).layers:
         if isinstance(layer, (ReLU, Sigmoid)):
@@ -254,11 +314,15 @@ def hidden_statistics(model: Sequential, x: np.ndarray, activation: str) -> dict
         h = layer(h, training=True)
     n_hidden = len(stats["low_gradient"])
     # one value per hidden layer: without batch norm NaN; a BatchNorm in front of the output layer is left out
-    stats["bn_input_skewness"] = stats["bn_input_skewness"][:n_hidden] or [math.nan] * n_hidden
+    stats["bn_input_skewness"] = (
+        stats["bn_input_skewness"][:n_hidden] or [math.nan] * n_hidden
+    )
     return stats
 
 
-def steps_to_threshold(steps: Sequence[int], accuracies: Sequence[float], threshold: float) -> float:
+def steps_to_threshold(
+    steps: Sequence[int], accuracies: Sequence[float], threshold: float
+) -> float:
     """The first evaluation step whose test accuracy is >= ``threshold``; NaN if none is."""
     for step, acc in zip(steps, accuracies):
         if not math.isnan(acc) and acc >= threshold:
@@ -266,109 +330,133 @@ def steps_to_threshold(steps: Sequence[int], accuracies: Sequence[float], thresh
     return math.nan
 
 
-def train_one(config: dict[str, Any], activation: str, placement: str, lr: float, seed: int) -> dict[str, Any]:
-    """Build and train one network; return its record (the keys of :data:`PER_RUN`)."""
-    data = mnist()
-    model = build(config["hidden"], activation, placement, momentum=config["bn_momentum"], seed=seed)
+def train_one(
+    config: Mapping[str, Any],
+    activation: str,
+    placement: str,
+    lr: float,
+    seed: int,
+    *,
+    twin: bool = False,
+) -> dict[str, Any]:
+    """Build and train one network; return its record.
+
+    The record adds ``steps_to_threshold`` and, from
+    :func:`hidden_statistics` on the test images at the start and the end
+    of training (``*_start``, ``*_end``; None after a divergence):
+    ``low_gradient``, ``activation_input_rms``, ``mean_share`` and
+    ``bn_input_skewness``, one value per hidden layer.
+    """
+    data = mnist(seed)
+    model = build(
+        config["hidden"],
+        activation,
+        placement,
+        momentum=config["bn_momentum"],
+        seed=seed,
+    )
     model.build((None, 28, 28, 1))
+    if twin:
+        perturb_ulp(model)
     start = hidden_statistics(model, data.x_test, activation)
     history = train(
-        model, data.x_train, data.y_train, data.x_test, data.y_test,
-        steps=config["steps"], batch_size=config["batch_size"], learning_rate=lr,
-        momentum=config["momentum"], seed=seed, eval_every=config["eval_every"],
+        model,
+        *data,
+        steps=config["steps"],
+        batch_size=config["batch_size"],
+        learning_rate=lr,
+        seed=seed,
+        eval_every=config["eval_every"],
     )
-    diverged = bool(history["diverged"])
-    n_eval, n_hidden = len(eval_steps(config)), len(config["hidden"])
-    if diverged:
-        end = {key: [math.nan] * n_hidden for key in start}
+    if history["diverged"]:
+        end = None
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             end = hidden_statistics(model, data.x_test, activation)
-    curve = [float(a) for a in history["test_accuracy"]] + [math.nan] * (n_eval - len(history["test_accuracy"]))
-    losses = [float(v) for v in history["train_loss"]] + [math.nan] * (n_eval - len(history["train_loss"]))
-    return {
-        "final_test_accuracy": math.nan if diverged else float(history["final_test_accuracy"]),
-        "diverged": diverged,
-        "steps_run": len(history["losses"]),
-        "steps_to_threshold": steps_to_threshold(history["steps"], history["test_accuracy"], config["threshold"]),
-        "test_accuracy_curve": curve,
-        "train_loss_curve": losses,
-        **{f"{key}_start": value for key, value in start.items()},
-        **{f"{key}_end": value for key, value in end.items()},
+    extra: dict[str, Any] = {
+        "steps_to_threshold": steps_to_threshold(
+            history["steps"], history["test_accuracy"], config["threshold"]
+        ),
     }
+    for key, values in start.items():
+        extra[f"{key}_start"] = _none_for_nan(values)
+        extra[f"{key}_end"] = None if end is None else _none_for_nan(end[key])
+    return record(history, **extra)
 
 
-def per_seed_means(pairs: Sequence[dict[str, Any]], seeds: Sequence[int], side: str) -> list[float]:
-    """Per seed, the mean of ``side`` ("before" or "after") over that seed's pairs; NaN if one of them diverged."""
-    return [float(np.mean([p[side] for p in pairs if p["seed"] == seed])) for seed in seeds]
+def _none_for_nan(values: Sequence[float]) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values]
 
 
-def run(config: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-    """Train every (nonlinearity, learning rate, placement, seed); return the records, the pairs and the headline.
+def measures(config: Mapping[str, Any]) -> list[Measure]:
+    """The chapter's claims, stated before the runs, and their effects."""
+    arch = "-".join(["784", *map(str, config["hidden"]), "10"])
+    lrs = config["learning_rates"]
+    rates = ", ".join(f"{lr:g}" for lr in lrs)
 
-    ``runs[activation][i]`` (i indexes ``learning_rates``) maps each placement
-    (and each arm of :data:`EXTRA_ARMS`) to ``{key: [value per seed]}`` for
-    every key of :data:`PER_RUN`.
-    ``pairs`` lists every (nonlinearity, learning rate, seed) with the
-    'before' and 'after' final accuracies in percent, their difference and the
-    pair's winner (:func:`winner`).
+    def effect(activation: str) -> Any:
+        def placement_gain(acc: Mapping[str, float]) -> float:
+            gains = [
+                acc[run_name(activation, "before", i)]
+                - acc[run_name(activation, "after", i)]
+                for i in range(len(lrs))
+            ]
+            return 100.0 * float(np.mean(gains))
+
+        return placement_gain
+
+    names = {"relu": "ReLU", "sigmoid": "sigmoid"}
+    return [
+        Measure(
+            Claim(
+                f"{activation}_placement",
+                f"Batch norm works better before the {names[activation]} "
+                "(Dense -> BN -> f, the paper's placement) than after it "
+                "(Dense -> f -> BN)",
+                f"final test accuracy of a {arch} {names[activation]} MLP "
+                f"after {config['steps']} plain-SGD steps, BN before minus "
+                f"BN after, mean over the learning rates {rates}",
+                "points",
+                config["margin_points"],
+            ),
+            effect(activation),
+        )
+        for activation in config["activations"]
+    ]
+
+
+def run(config: Mapping[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Train every (nonlinearity, placement, learning rate, seed); judge the claims.
+
+    Returns ``learning_rates``, ``arms`` (per nonlinearity), ``runs`` (per
+    seed, ``{run name: record}``), ``verdicts`` and ``noise``.
     """
-    runs: dict[str, list[dict[str, dict[str, list[Any]]]]] = {}
+    runs: list[dict[str, Any]] = []
     with one_blas_thread():
-        for activation in config["activations"]:
-            runs[activation] = []
-            for lr in config["learning_rates"]:
-                cell = {}
-                for placement in PLACEMENTS + EXTRA_ARMS.get(activation, ()):
-                    records = [train_one(config, activation, placement, lr, seed) for seed in seeds]
-                    cell[placement] = {key: [r[key] for r in records] for key in PER_RUN}
-                runs[activation].append(cell)
-    pairs = []
-    for activation in config["activations"]:
-        for i, lr in enumerate(config["learning_rates"]):
-            cell = runs[activation][i]
-            for k, seed in enumerate(seeds):
-                before = percent(cell["before"]["final_test_accuracy"][k])
-                after = percent(cell["after"]["final_test_accuracy"][k])
-                pairs.append({
-                    "activation": activation, "learning_rate": lr, "seed": seed,
-                    "before": before, "after": after, "difference": round(before - after, 6),
-                    "winner": winner(before, after, config["margin"]),
-                })
-    differences = [p["difference"] for p in pairs]
-    finite = [d for d in differences if not math.isnan(d)]
-    architecture = "-".join(["784", *map(str, config["hidden"]), "10"])
-    optimizer = "plain SGD" if config["momentum"] == 0 else f"SGD with momentum {config['momentum']:g}"
-    activations = " and ".join({"relu": "ReLU", "sigmoid": "sigmoid"}[a] for a in config["activations"])
-    rates = ", ".join(f"{lr:g}" for lr in config["learning_rates"])
-    n_conditions = len(config["activations"]) * len(config["learning_rates"])
-    headline = {
-        "claim": "Batch norm works better before the nonlinearity (Dense -> BN -> f, the paper's placement) "
-                 "than after it (Dense -> f -> BN)",
-        "metric": (
-            f"final test accuracy (%) of a {architecture} MLP trained with {optimizer} (batch "
-            f"{config['batch_size']}) for {config['steps']} steps, per seed the mean over the {n_conditions} "
-            f"conditions ({activations} units x learning rates {rates}); 'with_bn' = BN before the "
-            f"nonlinearity, 'without_bn' = BN after it"
-        ),
-        "with_bn": summarize(per_seed_means(pairs, seeds, "before")),
-        "without_bn": summarize(per_seed_means(pairs, seeds, "after")),
-        "effect": float(np.mean(finite)) if finite else math.nan,
-        "effect_definition": (
-            "mean over all (nonlinearity, learning rate, seed) pairs of the final test accuracy with BN before "
-            "the nonlinearity minus with BN after it, in percentage points (positive: the paper's placement wins)"
-        ),
-        "winners": [p["winner"] for p in pairs],
-        "verdict": verdict([p["winner"] for p in pairs]),
-        "verdict_rule": verdict_rule(config["margin"]),
-    }
+        for seed in seeds:
+            per_seed: dict[str, Any] = {}
+            for activation in config["activations"]:
+                for placement in arms(config, activation):
+                    for i, lr in enumerate(config["learning_rates"]):
+                        name = run_name(activation, placement, i)
+                        per_seed[name] = train_one(
+                            config, activation, placement, lr, seed
+                        )
+                        if config["twins"] and placement in TWINNED:
+                            per_seed[name + TWIN] = train_one(
+                                config,
+                                activation,
+                                placement,
+                                lr,
+                                seed,
+                                twin=True,
+                            )
+            runs.append(per_seed)
+    claims = measures(config)
     return {
-        "activations": list(config["activations"]),
         "learning_rates": [float(lr) for lr in config["learning_rates"]],
-        "placements": list(PLACEMENTS),
-        "extra_arms": {a: list(EXTRA_ARMS[a]) for a in config["activations"] if a in EXTRA_ARMS},
-        "eval_steps": eval_steps(config),
+        "arms": {a: arms(config, a) for a in config["activations"]},
         "runs": runs,
-        "pairs": pairs,
-        "headline": headline,
+        "verdicts": verdicts(claims, runs),
+        "noise": noise(claims, runs) if config["twins"] else None,
     }

@@ -18,29 +18,62 @@ the median of every unit of that layer, and the fraction of saturated inputs
 the same two networks are also trained from the package's Glorot-uniform
 kernels, to see how much of the result the small initialization causes.
 
-*A deep sigmoid network*: ``deep_hidden`` sigmoid layers (8 of 100 units), with
-the package's default Glorot-uniform initialization, with and without batch
-norm; it "trains" if its final test accuracy reaches ``deep_threshold``.
+*A deep sigmoid network*: ``deep_hidden`` sigmoid layers (8 of 100 units),
+with the package's default Glorot-uniform initialization, with and without
+batch norm.
 
-Headline: the paper network's final test accuracy with batch norm minus
-without, per seed, with a margin fixed before any run (:func:`verdict`).
-Chapter 12, "Saturating nonlinearities and the paper's MNIST experiment",
-runs it.
+The claims (:func:`measures`), each the final test accuracy with batch
+norm minus without, in points, paired by seed: the paper's network from
+the paper's small Gaussian initialization; the same network from Glorot
+kernels (a control: does batch norm still matter when the initialization
+is good?); and the deep sigmoid network.  Chapter 12, "Saturating
+nonlinearities and the paper's MNIST experiment", runs it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from companion.experiments.common import mnist, one_blas_thread, paired_margin_verdict, summarize
-from companion.layers import BatchNorm
+from companion.experiments.common import (
+    TWIN,
+    Measure,
+    mnist,
+    noise,
+    one_blas_thread,
+    perturb_ulp,
+    record,
+    verdicts,
+)
+from companion.layers import keep_moving_statistics
 from companion.nn import Dense, Sequential, Sigmoid
+from companion.seeding import KERNELS, rng
+from companion.stats import Claim
 from companion.training import accuracy, mlp, train
 
-DESCRIPTION = "Batch norm makes sigmoid networks trainable: the paper's MNIST experiment (Figure 1) and a deep sigmoid MLP"
+__all__ = [
+    "CONFIG_CI",
+    "CONFIG_FULL",
+    "CONFIG_TEST",
+    "DESCRIPTION",
+    "EXPECTED_CI",
+    "PERCENTILES",
+    "gaussian_kernels",
+    "measures",
+    "record_steps",
+    "run",
+    "sigmoid_inputs",
+    "train_deep",
+    "train_paper",
+]
+
+DESCRIPTION = (
+    "Batch norm makes sigmoid networks trainable: the paper's MNIST "
+    "experiment (Figure 1), a Glorot control and a deep sigmoid MLP"
+)
 
 CONFIG_TEST: dict[str, Any] = {
     "hidden": [16, 16, 16],
@@ -52,29 +85,25 @@ CONFIG_TEST: dict[str, Any] = {
     "unit": 0,
     "eval_size": 200,
     "saturation": 4.0,
-    "margin": 0.02,
+    "margin_points": 2.0,
     "deep_hidden": [16, 16, 16, 16],
     "deep_steps": 20,
     "deep_eval_every": 10,
-    "deep_threshold": 0.5,
+    "deep_margin_points": 10.0,
     "control": True,
+    "twins": True,
 }
 CONFIG_CI: dict[str, Any] = {
+    **CONFIG_TEST,
     "hidden": [100, 100, 100],
-    "init_std": 0.01,
-    "steps": 3000,
-    "batch_size": 60,
-    "learning_rate": 0.1,
-    "record_every": 50,
-    "unit": 0,
+    "steps": 2000,
+    "record_every": 100,
     "eval_size": 1000,
-    "saturation": 4.0,
-    "margin": 0.02,
     "deep_hidden": [100] * 8,
-    "deep_steps": 1000,
+    "deep_steps": 600,
     "deep_eval_every": 100,
-    "deep_threshold": 0.5,
-    "control": False,
+    "control": True,
+    "twins": False,
 }
 CONFIG_FULL: dict[str, Any] = {
     **CONFIG_CI,
@@ -82,71 +111,41 @@ CONFIG_FULL: dict[str, Any] = {
     "record_every": 500,
     "deep_steps": 10000,
     "deep_eval_every": 500,
-    "control": True,
+    "twins": True,
 }
+
+EXPECTED_CI = {
+    "paper_init": "supported",
+    "glorot_init": "inconclusive",
+    "deep": "supported",
+}
+"""What chapter 12 states for the CI-scale run (and ``make robustness``
+checks with other seeds)."""
 
 PERCENTILES = (15, 50, 85)
 """The percentiles of Figure 1 (b, c)."""
 VARIANTS = {"without_bn": "none", "with_bn": "before"}
 """Each variant's ``batch_norm`` argument of :func:`companion.training.mlp`."""
-CONTROLS = {"without_bn_glorot": "none", "with_bn_glorot": "before"}
-"""Control variants of the paper network: the package's Glorot-uniform kernels instead of N(0, s^2)."""
+INITS = ("paper", "glorot")
+"""The paper network's initializations: N(0, init_std^2), or Glorot."""
+TWINNED = ("paper/without_bn", "glorot/without_bn", "deep/without_bn")
+"""The runs that get a one-ulp twin when ``config["twins"]``."""
 
 
-# --------------------------------------------------------------------------- rules
-def verdict_rule(margin: float) -> str:
-    """The headline's verdict rule, in words, with its margin filled in (fixed before any run)."""
-    return (
-        f"Per seed, d = final test accuracy of the paper's sigmoid network with BN minus without BN (same "
-        f"init, mini-batches and learning rate). 'supported' if d >= {margin:g} on every seed; 'contradicted' "
-        f"if d <= -{margin:g} on every seed; otherwise 'mixed' if some seed has d >= {margin:g}, and 'not "
-        f"supported at this scale' if none has."
-    )
-
-
-def verdict(with_bn: Sequence[float], without_bn: Sequence[float], margin: float) -> str:
-    """Apply :func:`verdict_rule` to per-seed final test accuracies (NaN, a diverged run, counts as 0)."""
-    return paired_margin_verdict([_or_zero(b) - _or_zero(n) for b, n in zip(with_bn, without_bn)], margin)
-
-
-def deep_verdict_rule(threshold: float) -> str:
-    """The deep network's rule, in words (fixed before any run)."""
-    return (
-        f"A deep sigmoid network 'trains' if its final test accuracy is >= {threshold:g} (chance is 0.1). "
-        f"'supported' if it trains with BN on every seed and without BN on none; 'not supported at this "
-        f"scale' if it trains without BN on every seed; 'contradicted' if it trains without BN on every seed "
-        f"and with BN on none; otherwise 'mixed'."
-    )
-
-
-def deep_verdict(with_bn: Sequence[float], without_bn: Sequence[float], threshold: float) -> str:
-    """Apply :func:`deep_verdict_rule` to per-seed final test accuracies (NaN fails)."""
-    ok_bn = [_or_zero(a) >= threshold for a in with_bn]
-    ok_plain = [_or_zero(a) >= threshold for a in without_bn]
-    if all(ok_plain) and not any(ok_bn):
-        return "contradicted"
-    if all(ok_plain):
-        return "not supported at this scale"
-    if all(ok_bn) and not any(ok_plain):
-        return "supported"
-    return "mixed"
-
-
-def _or_zero(value: float) -> float:
-    return 0.0 if value is None or math.isnan(value) else float(value)
-
-
-# --------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- helpers
 
 
 def gaussian_kernels(model: Sequential, std: float, seed: int) -> None:
-    r"""Overwrite every Dense kernel of a built ``model`` in place with draws from :math:`N(0, \mathrm{std}^2)`.
+    r"""Overwrite every Dense kernel of a built ``model`` with :math:`N(0, \mathrm{std}^2)` draws.
 
-    Dense layer ``i`` (input side first) draws from ``default_rng(seed * 1000 + i)``, so the two
-    variants of a seed start from the same kernels.  Biases are left at 0.
+    Dense layer ``i`` (input side first) draws from the stream ``(seed,
+    KERNELS, i)``, so the two variants of a seed start from the same
+    kernels.  Biases are left at 0.
     """
-    for index, layer in enumerate(layer for layer in model if isinstance(layer, Dense)):
-        draw = np.random.default_rng(seed * 1000 + index).standard_normal(layer.kernel.shape)
+    dense = [layer for layer in model if isinstance(layer, Dense)]
+    for index, layer in enumerate(dense):
+        assert layer.kernel is not None
+        draw = rng(seed, KERNELS, index).standard_normal(layer.kernel.shape)
         layer.kernel[...] = std * draw
 
 
@@ -159,134 +158,221 @@ def sigmoid_inputs(model: Sequential, x: np.ndarray) -> list[np.ndarray]:
     in a training step).  The BatchNorm layers' moving statistics are restored
     afterwards, so the call changes nothing in the model.
     """
-    saved = [(l.moving_mean.copy(), l.moving_variance.copy()) for l in model if isinstance(l, BatchNorm) and l.built]
     inputs = []
     h = x
-    for layer in model:
-        if isinstance(layer, Sigmoid):
-            inputs.append(h)
-        h = layer(h, training=True)
-    for layer, (mean, variance) in zip([l for l in model if isinstance(l, BatchNorm) and l.built], saved):
-        layer.moving_mean[...] = mean
-        layer.moving_variance[...] = variance
+    with keep_moving_statistics(model):
+        for layer in model:
+            if isinstance(layer, Sigmoid):
+                inputs.append(h)
+            h = layer(h, training=True)
     return inputs
 
 
 def record_steps(steps: int, every: int) -> list[int]:
-    """0, every ``every`` steps, and the last step: where the paper network is evaluated and recorded."""
+    """0, every ``every`` steps, and the last step: the evaluation points."""
     return sorted({*range(0, steps + 1, every), steps})
 
 
-# --------------------------------------------------------------------------- runs
-def train_paper(config: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
-    """Train the paper's network once; record accuracy, percentiles of one sigmoid input, saturation.
+# ------------------------------------------------------------------- runs
+def train_paper(
+    config: Mapping[str, Any],
+    init: str,
+    variant: str,
+    seed: int,
+    *,
+    twin: bool = False,
+) -> dict[str, Any]:
+    """Train the paper's network once; record accuracy, sigmoid inputs, saturation.
 
-    ``variant`` is a key of :data:`VARIANTS` (kernels from :math:`N(0, s^2)`) or of :data:`CONTROLS`
-    (the Glorot-uniform kernels :func:`companion.training.mlp` draws).
+    ``init`` is ``"paper"`` (kernels from :math:`N(0, s^2)`,
+    :func:`gaussian_kernels`) or ``"glorot"`` (the Glorot-uniform kernels
+    :func:`companion.training.mlp` draws).  The record adds, at every
+    evaluation: ``percentiles`` (the {15, 50, 85}th percentiles of the
+    input of sigmoid ``unit`` of the last hidden layer over the first
+    ``eval_size`` test images), ``saturated_fraction`` (per hidden layer,
+    the fraction of sigmoid inputs with \|x\| > ``saturation``); and
+    ``median_range_unit`` / ``median_range_units`` (how far the median
+    input of that unit, and of the layer's typical unit, moved during
+    training) and ``final_train_accuracy``.
     """
-    data = mnist()
+    data = mnist(seed)
     x_eval = data.x_test[: config["eval_size"]]
-    model = mlp(config["hidden"], activation="sigmoid", batch_norm={**VARIANTS, **CONTROLS}[variant], seed=seed)
+    model = mlp(
+        config["hidden"],
+        activation="sigmoid",
+        batch_norm=VARIANTS[variant],
+        seed=seed,
+    )
     model.build((None, 28, 28, 1))
-    if variant in VARIANTS:
+    if init == "paper":
         gaussian_kernels(model, config["init_std"], seed)
+    if twin:
+        perturb_ulp(model)
     unit, limit = config["unit"], config["saturation"]
     percentiles: list[list[float]] = []
-    medians: list[np.ndarray] = []           # every unit of the last hidden layer, per record
-    saturated: list[list[float]] = []        # fraction of |input| > limit, per hidden layer, per record
+    medians: list[np.ndarray] = []
+    saturated: list[list[float]] = []
 
-    def record(step: int, net: Sequential) -> None:
+    def on_step(step: int, net: Sequential) -> None:
         if step % config["record_every"] and step != config["steps"]:
             return
         inputs = [z.astype(np.float64) for z in sigmoid_inputs(net, x_eval)]
         last = inputs[-1]
-        percentiles.append([float(v) for v in np.percentile(last[:, unit], PERCENTILES)])
+        percentiles.append(
+            [float(v) for v in np.percentile(last[:, unit], PERCENTILES)]
+        )
         medians.append(np.median(last, axis=0))
         saturated.append([float(np.mean(np.abs(z) > limit)) for z in inputs])
 
-    record(0, model)
-    history = train(
-        model, data.x_train, data.y_train, data.x_test, data.y_test,
-        steps=config["steps"], batch_size=config["batch_size"], learning_rate=config["learning_rate"],
-        seed=seed, eval_every=config["record_every"], on_step=record,
-    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        on_step(0, model)
+        history = train(
+            model,
+            *data,
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            learning_rate=config["learning_rate"],
+            seed=seed,
+            eval_every=config["record_every"],
+            on_step=on_step,
+        )
     diverged = bool(history["diverged"])
-    n = len(record_steps(config["steps"], config["record_every"]))
-    pad = [math.nan] * (n - len(history["test_accuracy"]))
-    median_range = np.ptp(np.array(medians), axis=0)     # per unit: max - min of its median over training
-    return {
-        "test_accuracy_curve": [float(a) for a in history["test_accuracy"]] + pad,
-        "train_loss_curve": [float(a) for a in history["train_loss"]] + pad,
-        "percentiles": percentiles + [[math.nan] * 3] * (n - len(percentiles)),
-        "saturated_fraction": saturated + [[math.nan] * len(config["hidden"])] * (n - len(saturated)),
-        "median_range_unit": float(median_range[unit]),
-        "median_range_units": float(np.median(median_range)),
-        "final_test_accuracy": math.nan if diverged else float(history["final_test_accuracy"]),
-        "final_train_accuracy": math.nan if diverged else accuracy(model, data.x_train, data.y_train),
-        "diverged": diverged,
-    }
-
-
-def train_deep(config: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
-    """Train the deep sigmoid network once (Glorot-uniform init); record its curves."""
-    data = mnist()
-    model = mlp(config["deep_hidden"], activation="sigmoid", batch_norm=VARIANTS[variant], seed=seed)
-    history = train(
-        model, data.x_train, data.y_train, data.x_test, data.y_test,
-        steps=config["deep_steps"], batch_size=config["batch_size"], learning_rate=config["learning_rate"],
-        seed=seed, eval_every=config["deep_eval_every"],
+    moved = np.ptp(np.array(medians), axis=0)  # per unit, over training
+    return record(
+        history,
+        percentiles=percentiles,
+        saturated_fraction=saturated,
+        median_range_unit=float(moved[unit]),
+        median_range_units=float(np.median(moved)),
+        final_train_accuracy=None
+        if diverged
+        else accuracy(model, data.x_train, data.y_train),
     )
-    diverged = bool(history["diverged"])
-    n = len(record_steps(config["deep_steps"], config["deep_eval_every"]))
-    pad = [math.nan] * (n - len(history["test_accuracy"]))
-    return {
-        "test_accuracy_curve": [float(a) for a in history["test_accuracy"]] + pad,
-        "train_loss_curve": [float(a) for a in history["train_loss"]] + pad,
-        "final_test_accuracy": math.nan if diverged else float(history["final_test_accuracy"]),
-        "diverged": diverged,
-    }
 
 
-def run(config: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
-    """Both parts for every variant and seed; per-run quantities are lists over seeds."""
-    paper: dict[str, Any] = {}
-    deep: dict[str, Any] = {}
-    with one_blas_thread():
-        for variant in VARIANTS:
-            runs = [train_paper(config, variant, seed) for seed in seeds]
-            paper[variant] = {key: [r[key] for r in runs] for key in runs[0]}
-            runs = [train_deep(config, variant, seed) for seed in seeds]
-            deep[variant] = {key: [r[key] for r in runs] for key in runs[0]}
-        for variant in CONTROLS if config["control"] else ():
-            runs = [train_paper(config, variant, seed) for seed in seeds]
-            paper[variant] = {key: [r[key] for r in runs] for key in runs[0]}
-    with_bn = paper["with_bn"]["final_test_accuracy"]
-    without_bn = paper["without_bn"]["final_test_accuracy"]
-    deep_with = deep["with_bn"]["final_test_accuracy"]
-    deep_without = deep["without_bn"]["final_test_accuracy"]
+def train_deep(
+    config: Mapping[str, Any], variant: str, seed: int, *, twin: bool = False
+) -> dict[str, Any]:
+    """Train the deep sigmoid network once (Glorot-uniform init)."""
+    data = mnist(seed)
+    model = mlp(
+        config["deep_hidden"],
+        activation="sigmoid",
+        batch_norm=VARIANTS[variant],
+        seed=seed,
+    )
+    model.build((None, 28, 28, 1))
+    if twin:
+        perturb_ulp(model)
+    history = train(
+        model,
+        *data,
+        steps=config["deep_steps"],
+        batch_size=config["batch_size"],
+        learning_rate=config["learning_rate"],
+        seed=seed,
+        eval_every=config["deep_eval_every"],
+    )
+    return record(history)
+
+
+def measures(config: Mapping[str, Any]) -> list[Measure]:
+    """The chapter's claims, stated before the runs, and their effects."""
     layers = "-".join(["784", *map(str, config["hidden"]), "10"])
-    headline = {
-        "claim": "Batch normalization makes saturating nonlinearities (sigmoid) usable",
-        "metric": (
-            f"test accuracy (fraction of 1,000 MNIST test digits) of the paper's {layers} sigmoid MLP after "
-            f"{config['steps']} SGD steps (lr {config['learning_rate']:g}, batch {config['batch_size']}, "
-            f"init N(0, {config['init_std']:g}^2))"
-        ),
-        "with_bn": summarize(with_bn),
-        "without_bn": summarize(without_bn),
-        "effect": float(np.nanmean(with_bn) - np.nanmean(without_bn)),
-        "effect_definition": "mean final test accuracy with BN minus without BN (fraction; 0.01 = 1 point)",
-        "verdict": verdict(with_bn, without_bn, config["margin"]),
-        "verdict_rule": verdict_rule(config["margin"]),
-    }
-    deep["verdict"] = deep_verdict(deep_with, deep_without, config["deep_threshold"])
-    deep["verdict_rule"] = deep_verdict_rule(config["deep_threshold"])
-    deep["eval_steps"] = record_steps(config["deep_steps"], config["deep_eval_every"])
+    deep = "-".join(["784", *map(str, config["deep_hidden"]), "10"])
+    paper = (
+        f"final test accuracy of the paper's {layers} sigmoid MLP after "
+        f"{config['steps']} SGD steps (learning rate "
+        f"{config['learning_rate']:g}, batch {config['batch_size']})"
+    )
+
+    def gain(prefix: str) -> Any:
+        return lambda acc: (
+            100.0 * (acc[f"{prefix}/with_bn"] - acc[f"{prefix}/without_bn"])
+        )
+
+    out = [
+        Measure(
+            Claim(
+                "paper_init",
+                "Batch norm makes a sigmoid network train (the paper's "
+                "MNIST experiment, its small Gaussian initialization)",
+                f"{paper}, init N(0, {config['init_std']:g}^2): with BN "
+                "minus without BN",
+                "points",
+                config["margin_points"],
+            ),
+            gain("paper"),
+        )
+    ]
+    if config["control"]:
+        out.append(
+            Measure(
+                Claim(
+                    "glorot_init",
+                    "... also from a good initialization (Glorot)",
+                    f"{paper}, Glorot-uniform init: with BN minus without BN",
+                    "points",
+                    config["margin_points"],
+                    role="control",
+                ),
+                gain("glorot"),
+            )
+        )
+    out.append(
+        Measure(
+            Claim(
+                "deep",
+                "Batch norm makes a deep sigmoid network train",
+                f"final test accuracy of a {deep} sigmoid MLP (Glorot init) "
+                f"after {config['deep_steps']} SGD steps: with BN minus "
+                "without BN",
+                "points",
+                config["deep_margin_points"],
+            ),
+            gain("deep"),
+        )
+    )
+    return out
+
+
+def run(config: Mapping[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Both parts for every variant and seed; judge the claims.
+
+    Run names: ``"paper/with_bn"``, ``"glorot/without_bn"``,
+    ``"deep/with_bn"``, ...  Returns ``record_steps``, ``deep_eval_steps``,
+    ``percentiles``, ``runs`` (per seed, ``{run name: record}``),
+    ``verdicts`` and ``noise``.
+    """
+    inits = INITS if config["control"] else INITS[:1]
+    twins = config["twins"]
+    runs: list[dict[str, Any]] = []
+    with one_blas_thread():
+        for seed in seeds:
+            per_seed: dict[str, Any] = {}
+            for variant in VARIANTS:
+                for init in inits:
+                    name = f"{init}/{variant}"
+                    per_seed[name] = train_paper(config, init, variant, seed)
+                    if twins and name in TWINNED:
+                        per_seed[name + TWIN] = train_paper(
+                            config, init, variant, seed, twin=True
+                        )
+                name = f"deep/{variant}"
+                per_seed[name] = train_deep(config, variant, seed)
+                if twins and name in TWINNED:
+                    per_seed[name + TWIN] = train_deep(
+                        config, variant, seed, twin=True
+                    )
+            runs.append(per_seed)
+    claims = measures(config)
     return {
         "record_steps": record_steps(config["steps"], config["record_every"]),
+        "deep_eval_steps": record_steps(
+            config["deep_steps"], config["deep_eval_every"]
+        ),
         "percentiles": list(PERCENTILES),
-        "variants": list(paper),
-        "paper": paper,
-        "deep": deep,
-        "headline": headline,
+        "runs": runs,
+        "verdicts": verdicts(claims, runs),
+        "noise": noise(claims, runs) if twins else None,
     }
