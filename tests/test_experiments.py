@@ -1,7 +1,9 @@
-"""companion.experiments: the protocol every experiment follows, the runner and the command line.
+"""companion.experiments: the protocol every experiment follows, the runner,
+the command line, the verdicts and the committed full-scale files.
 
-Each experiment's own behaviour is tested in tests/test_experiment_<name>.py;
-here every discovered experiment is run at its tiny CONFIG_TEST scale.
+Each experiment runs once per test session at its tiny CONFIG_TEST scale
+(the ``test_scale`` fixture of tests/conftest.py); each experiment's own
+behaviour is tested in tests/test_experiment_<name>.py.
 """
 
 from __future__ import annotations
@@ -13,19 +15,43 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from companion import experiments
-from companion.experiments import _module, available, load_results, run_experiment, save_results
-from companion.experiments.common import mnist, summarize
+from companion import experiments, stats
+from companion.experiments import (
+    BOOK_SEEDS,
+    _module,
+    available,
+    load_results,
+    outcomes,
+    run_experiment,
+    save_results,
+)
+from companion.experiments.common import (
+    TWIN,
+    mnist,
+    noise,
+    perturb_ulp,
+    summarize,
+    verdicts,
+)
+from companion.training import mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = sorted(available())
-VERDICTS = {"supported", "not supported at this scale", "mixed", "contradicted"}
+PART_III = {
+    "gradient_flow",
+    "learning_rates",
+    "initialization",
+    "regularization",
+    "sigmoid_paper",
+    "placement",
+}
 
 
 def test_the_book_has_its_six_experiments():
-    assert set(NAMES) >= {"gradient_flow", "learning_rates", "initialization"}, NAMES
+    assert set(NAMES) >= PART_III, NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -35,73 +61,163 @@ def test_experiment_module_follows_the_protocol(name):
     for config in (module.CONFIG_TEST, module.CONFIG_CI, module.CONFIG_FULL):
         assert isinstance(config, dict) and set(config) == set(module.CONFIG_CI)
     assert "Chapter" in module.__doc__
+    claims = [m.claim for m in module.measures(module.CONFIG_CI)]
+    keys = [c.key for c in claims]
+    assert len(set(keys)) == len(keys) and set(module.EXPECTED_CI) == set(keys)
+    assert set(module.EXPECTED_CI.values()) <= set(stats.OUTCOMES)
+    full_keys = {m.claim.key for m in module.measures(module.CONFIG_FULL)}
+    assert set(keys) <= full_keys
+    for claim in claims:
+        assert claim.statement and claim.effect and claim.unit
+    assert not module.CONFIG_CI["twins"] and module.CONFIG_FULL["twins"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_experiment_runs_deterministically_and_serializes(name, tmp_path):
-    test_config = _module(name).CONFIG_TEST
-    first = run_experiment(name, config=test_config, seeds=2)
-    second = run_experiment(name, config=test_config, seeds=[0, 1])
-    assert first["results"] == second["results"] or _equal_with_nan(first["results"], second["results"])
-    assert first["scale"] == "ci" and first["seeds"] == [0, 1] and first["config"] == {**_module(name).CONFIG_CI, **test_config}
-    headline = first["results"]["headline"]
-    assert headline["verdict"] in VERDICTS
-    for key in ("claim", "metric", "effect_definition", "verdict_rule"):
-        assert isinstance(headline[key], str) and headline[key]
-    for side in ("with_bn", "without_bn"):
-        assert len(headline[side]["values"]) == 2
+def test_results_have_the_common_shape(name, test_scale):
+    result = test_scale(name)
+    res = result["results"]
+    assert result["seeds"] == [0, 1, 2] and result["scale"] == "ci"
+    assert len(res["runs"]) == 3
+    names = set(res["runs"][0])
+    for per_seed in res["runs"]:
+        assert set(per_seed) == names  # every seed has the same runs
+        for run in per_seed.values():
+            assert run["diverged"] == (run["final_test_accuracy"] is None)
+            assert (run["test_correct"] is None) == run["diverged"]
+            if not run["diverged"]:
+                correct = stats.unpack_correct(run["test_correct"], 1000)
+                assert correct.mean() == pytest.approx(
+                    run["final_test_accuracy"]
+                )
+                assert run["test_accuracy"][-1] == run["final_test_accuracy"]
+    assert any(n.endswith(TWIN) for n in names)  # CONFIG_TEST has twins
+    provenance = result["provenance"]
+    assert provenance["command"] == result["command"]
+    assert provenance["versions"]["numpy"] == np.__version__
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_verdicts_are_recomputed_from_the_stored_runs(name, test_scale):
+    result = test_scale(name)
+    module = _module(name)
+    # Through JSON, as the chapters read the files.
+    res = json.loads(json.dumps(experiments._jsonable(result)))["results"]
+    measures = module.measures(result["config"])
+    assert verdicts(measures, res["runs"]) == res["verdicts"]
+    assert noise(measures, res["runs"]) == res["noise"]
+    for verdict in res["verdicts"].values():
+        assert verdict["outcome"] in stats.OUTCOMES
+        assert verdict["low"] <= verdict["effect"] <= verdict["high"]
+        assert len(verdict["effects"]) == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_is_deterministic_and_serializes(name, test_scale, tmp_path):
+    """A second run of two seeds gives the same records, bit for bit."""
+    first = test_scale(name)
+    again = _module(name).run(first["config"], [1, 2])
+    assert json.dumps(experiments._jsonable(again["runs"])) == json.dumps(
+        experiments._jsonable(first["results"]["runs"][1:])
+    )
     path = tmp_path / f"{name}.json"
     save_results(first, path)
-    assert load_results(path)["results"]["headline"]["verdict"] == headline["verdict"]
+    loaded = load_results(path)
+    assert outcomes(loaded) == outcomes(first)
+    assert loaded["results"]["runs"] == json.loads(
+        json.dumps(experiments._jsonable(first["results"]["runs"]))
+    )
 
 
-def _equal_with_nan(a, b):
-    return json.dumps(experiments._jsonable(a)) == json.dumps(experiments._jsonable(b))
+def test_a_twin_starts_one_ulp_away():
+    model = mlp([4], seed=0)
+    model.build((None, 28, 28, 1))
+    kernel = model.layers[1].kernel.copy()
+    perturb_ulp(model)
+    assert np.all(model.layers[1].kernel > kernel)
+    np.testing.assert_array_equal(
+        model.layers[1].kernel, np.nextafter(kernel, np.inf)
+    )
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_full_scale_results_exist_and_match_the_command(name):
+@pytest.mark.parametrize("name", sorted(PART_III))
+def test_committed_full_scale_results(name):
+    """The files the chapters read: full scale, 5 seeds, provenance, and
+    verdicts that the current code computes from the stored runs."""
     path = ROOT / "book" / "data" / f"{name}.json"
     result = load_results(path)
+    module = _module(name)
     assert result["name"] == name and result["scale"] == "full"
-    assert result["config"] == _module(name).CONFIG_FULL
-    assert result["command"] == f"python -m companion.experiments {name} --full --seeds {len(result['seeds'])}"
-    assert len(result["seeds"]) >= 3 and result["wall_time_s"] > 0
+    assert result["config"] == module.CONFIG_FULL
+    assert result["seeds"] == BOOK_SEEDS
+    assert result["command"] == (
+        f"python -m companion.experiments {name} --full --seeds 5"
+    )
+    provenance = result["provenance"]
+    for key in ("commit", "versions", "cpu", "blas", "date"):
+        assert provenance[key], key
+    assert "+dirty" not in provenance["commit"]
+    assert result["wall_time_s"] > 0
+    res = result["results"]
+    measures = module.measures(result["config"])
+    assert verdicts(measures, res["runs"]) == res["verdicts"]
+    assert noise(measures, res["runs"]) == res["noise"]
 
 
-def test_runner_rejects_unknown_names_and_seed_counts():
-    with pytest.raises(ValueError, match=r"name must be one of \[.*\]; received 'nope'"):
+def test_runner_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"name must be one of .*'nope'"):
         run_experiment("nope")
-    with pytest.raises(ValueError, match=r"seeds must be >= 1; received 0"):
+    with pytest.raises(ValueError, match=r"seeds=0 is out of range"):
         run_experiment(NAMES[0], seeds=0)
+    with pytest.raises(ValueError, match="distinct ints"):
+        run_experiment(NAMES[0], seeds=[1, 1])
+    with pytest.raises(ValueError, match=r"config has keys \['nope'\]"):
+        run_experiment(NAMES[0], config={"nope": 1})
 
 
 def test_jsonable_turns_numpy_and_nan_into_json():
-    import numpy as np
+    value = {
+        "a": np.float32(1.5),
+        "b": np.arange(2),
+        "c": [math.nan, math.inf, 1.0],
+        3: (np.int64(4),),
+    }
+    assert experiments._jsonable(value) == {
+        "a": 1.5,
+        "b": [0, 1],
+        "c": [None, None, 1.0],
+        "3": [4],
+    }
 
-    value = {"a": np.float32(1.5), "b": np.arange(2), "c": [math.nan, math.inf, 1.0], 3: (np.int64(4),)}
-    assert experiments._jsonable(value) == {"a": 1.5, "b": [0, 1], "c": [None, None, 1.0], "3": [4]}
 
-
-def test_summarize_counts_nans_and_ignores_them():
-    s = summarize([1.0, 3.0, math.nan])
-    assert (s["mean"], s["min"], s["max"], s["n_nan"]) == (2.0, 1.0, 3.0, 1)
+def test_summarize_counts_missing_values_and_ignores_them():
+    s = summarize([1.0, 3.0, math.nan, None])
+    assert (s["mean"], s["min"], s["max"], s["n_missing"]) == (2.0, 1.0, 3.0, 2)
     assert s["std"] == pytest.approx(math.sqrt(2.0))
     assert summarize([2.0])["std"] == 0.0
     empty = summarize([math.nan])
-    assert math.isnan(empty["mean"]) and empty["n_nan"] == 1
+    assert math.isnan(empty["mean"]) and empty["n_missing"] == 1
 
 
-def test_mnist_is_cached_and_read_only():
-    split = mnist()
-    assert mnist() is split and split.x_train.shape == (4000, 28, 28, 1)
+def test_mnist_split_changes_with_the_seed_and_is_cached_read_only():
+    split = mnist(0)
+    assert mnist(0) is split and split.x_train.shape == (4000, 28, 28, 1)
+    other = mnist(1)
+    assert not np.array_equal(split.y_test, other.y_test)
+    assert np.bincount(other.y_test).tolist() == [100] * 10  # stratified
     with pytest.raises(ValueError, match="read-only"):
         split.x_train[0, 0, 0, 0] = 1.0
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COMPANION_NO_PROGRESS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "companion.experiments", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    env = {**os.environ, "COMPANION_NO_PROGRESS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "companion.experiments", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
 
 
 def test_command_line_help_lists_the_experiments():
@@ -113,28 +229,26 @@ def test_command_line_help_lists_the_experiments():
 
 def test_command_line_rejects_bad_arguments():
     assert "invalid choice: 'nope'" in _cli("nope").stderr
-    assert "--seeds must be >= 1; received 0" in _cli(NAMES[0], "--seeds", "0").stderr
+    message = "--seeds must be >= 2; received 1"
+    assert message in _cli(NAMES[0], "--seeds", "1").stderr
+    message = "--first-seed must be >= 0; received -1"
+    assert message in _cli(NAMES[0], "--first-seed", "-1").stderr
 
 
-def test_command_line_writes_and_prints_json(tmp_path, monkeypatch):
-    """In-process (fast, counted by coverage), with the tiny config patched in as CI scale."""
+def test_command_line_writes_and_prints_json(tmp_path, monkeypatch, capsys):
+    """In-process (fast, counted by coverage), with the tiny config as CI."""
     from companion.experiments import __main__ as cli
 
-    name = NAMES[0]
+    name = "placement"
     module = _module(name)
-    monkeypatch.setattr(module, "CONFIG_CI", {**module.CONFIG_CI, **module.CONFIG_TEST})
+    tiny = {**module.CONFIG_TEST, "twins": False}
+    monkeypatch.setattr(module, "CONFIG_CI", tiny)
     out = tmp_path / "out.json"
-    assert cli.main([name, "--seeds", "1", "--out", str(out)]) == 0
+    assert cli.main([name, "--seeds", "2", "--first-seed", "7", "--out", str(out)]) == 0
     written = load_results(out)
-    assert written["seeds"] == [0] and written["command"].endswith(f"{name} --seeds 1")
-    assert cli.main([name, "--seeds", "1"]) == 0
-
-
-
-def test_paired_margin_verdict():
-    from companion.experiments.common import paired_margin_verdict
-
-    assert paired_margin_verdict([0.03, 0.02], 0.02) == "supported"
-    assert paired_margin_verdict([-0.05, -0.02], 0.02) == "contradicted"
-    assert paired_margin_verdict([0.01, -0.01], 0.02) == "not supported at this scale"
-    assert paired_margin_verdict([0.05, 0.0], 0.02) == "mixed"
+    assert written["seeds"] == [7, 8]
+    assert written["command"].endswith(f"{name} --seeds 2 --first-seed 7")
+    capsys.readouterr()
+    assert cli.main([name, "--seeds", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seeds"] == [0, 1] and printed["name"] == name
