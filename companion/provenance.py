@@ -95,12 +95,15 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     kernel_env = ("ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
     kernel_env += ("TF_ENABLE_ONEDNN_OPTS",)
     return {
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command
+        or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "commit": git_commit(),
         "versions": _versions(),
         "cpu": cpu_model(),
         "blas": _blas(),
-        "environment": {k: os.environ[k] for k in kernel_env if k in os.environ},
+        "environment": {
+            k: os.environ[k] for k in kernel_env if k in os.environ
+        },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),

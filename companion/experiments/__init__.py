@@ -45,7 +45,7 @@ __all__ = [
     "save_results",
 ]
 
-_NOT_EXPERIMENTS = {"__main__", "common"}
+_NOT_EXPERIMENTS = {"__main__", "common", "report"}
 
 BOOK_SEEDS = list(range(5))
 """The seeds every chapter and every full-scale file uses."""

@@ -77,7 +77,7 @@ CONFIG_TEST: dict[str, Any] = {
     "threshold": 0.5,
     "margin_decades": 0.5,
     "margin_points": 1.0,
-    "margin_steps_decades": 0.15,
+    "margin_steps_decades": 0.3,
     "twins": True,
 }
 CONFIG_CI: dict[str, Any] = {

@@ -96,11 +96,11 @@ CONFIG_TEST: dict[str, Any] = {
 CONFIG_CI: dict[str, Any] = {
     **CONFIG_TEST,
     "hidden": [100, 100, 100],
-    "steps": 2000,
+    "steps": 1000,
     "record_every": 100,
     "eval_size": 1000,
     "deep_hidden": [100] * 8,
-    "deep_steps": 600,
+    "deep_steps": 500,
     "deep_eval_every": 100,
     "control": True,
     "twins": False,
@@ -190,7 +190,7 @@ def train_paper(
     evaluation: ``percentiles`` (the {15, 50, 85}th percentiles of the
     input of sigmoid ``unit`` of the last hidden layer over the first
     ``eval_size`` test images), ``saturated_fraction`` (per hidden layer,
-    the fraction of sigmoid inputs with \|x\| > ``saturation``); and
+    the fraction of sigmoid inputs with abs(x) > ``saturation``); and
     ``median_range_unit`` / ``median_range_units`` (how far the median
     input of that unit, and of the layer's typical unit, moved during
     training) and ``final_train_accuracy``.
