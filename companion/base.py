@@ -1,36 +1,43 @@
-"""``Layer``: what every companion layer shares (Keras-style building and weights).
+"""``Layer``: what every companion layer shares (building and weights I/O).
 
 A layer builds its arrays on the first call, from the input's shape and
 floating dtype, under Keras's names and layouts, so that
 ``layer.set_weights(keras_layer.get_weights())`` copies a Keras layer one to
-one.  ``__call__(x, training=False)`` runs the forward pass and keeps what the
-backward pass needs; ``backward(dy)`` returns ``dx`` and fills ``grads`` with
-one entry per trainable array in ``params``.  Chapter 5 builds networks from
-these layers.
+one.  ``__call__(x, training=False)`` runs the forward pass and keeps what
+the backward pass needs; ``backward(dy)`` returns ``dx`` and fills
+``grads`` with one entry per trainable array in ``params``.  Chapter 5
+builds networks from these layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from companion._validation import as_float_array, compute_dtype, describe
+from companion._validation import (
+    as_float_array,
+    check_bool,
+    check_finite,
+    check_int,
+    compute_dtype,
+    describe,
+)
 
-__all__ = ["Layer"]
+__all__ = ["Layer", "leaf_layers"]
 
 
 class Layer:
-    """Base class: building, the ``training`` flag, the backward cache, weights I/O.
+    """Base class: building, the ``training`` flag, the cache, weights I/O.
 
     Subclasses define :meth:`weight_names`, :meth:`trainable_names`,
-    ``_build`` (create the arrays for an input shape),
-    ``_check_input``, ``_forward`` and ``_backward``.
+    ``_build`` (create the arrays for an input shape), ``_check_input``,
+    ``_forward`` and ``_backward``.
     """
 
     def __init__(self) -> None:
-        self.grads: dict[str, np.ndarray] = {}
+        self._grads: dict[str, np.ndarray] = {}
         self._cache: Any = None
         self._built = False
         self._last_training: bool | None = None
@@ -41,11 +48,11 @@ class Layer:
         return []
 
     def trainable_names(self) -> list[str]:
-        """Names of the arrays the optimizer updates (a subset of ``weight_names``)."""
+        """Names of the arrays the optimizer updates (in ``weight_names``)."""
         return self.weight_names()
 
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
-        """Raise ValueError when ``x`` does not fit the layer (called before any state changes)."""
+        """Raise when ``x`` does not fit the layer (before any change)."""
 
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
         """Create the arrays for inputs of ``input_shape``."""
@@ -68,94 +75,180 @@ class Layer:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """The trainable arrays by name; these are the arrays themselves, so update them in place."""
+        """The trainable arrays by name (the arrays themselves).
+
+        Update them in place (``param -= lr * grad``), as the optimizer
+        does.  Empty before the layer is built.
+        """
+        if not self.built:
+            return {}
         return {name: getattr(self, name) for name in self.trainable_names()}
 
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """Gradients of the trainable arrays by name, from :meth:`backward`."""
+        return self._grads
+
+    @grads.setter
+    def grads(self, value: dict[str, np.ndarray]) -> None:
+        self._grads = value
+
     def build(
-        self, input_shape: Sequence[int], dtype: Any = np.float32
+        self, input_shape: Sequence[int | None], dtype: Any = np.float32
     ) -> None:
-        """Create the layer's arrays for inputs of ``input_shape`` (batch axis first)."""
-        self._check_input(
-            np.empty((0, *tuple(input_shape)[1:]), dtype=np.float32)
+        """Create the arrays for inputs of ``input_shape`` (batch axis first).
+
+        The batch size may be None (unknown), as in Keras.
+        """
+        batch, *rest = tuple(input_shape)
+        shape = tuple(
+            check_int(size, "input_shape entry", low=0)
+            for size in (1 if batch is None else batch, *rest)
         )
-        self._build(tuple(input_shape), compute_dtype(np.dtype(dtype)))
+        # A stand-in of that shape (no memory) for the input checks.
+        probe = np.broadcast_to(np.float32(0), shape)
+        self._check_input(probe)
+        self._build(tuple(probe.shape), compute_dtype(np.dtype(dtype)))
         self._built = True
 
     def __call__(self, x: Any, training: bool = False) -> np.ndarray:
         """Forward pass; keeps what :meth:`backward` needs."""
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(
-                f"training must be a bool; received {describe(training)}"
-            )
+        training = check_bool(training, "training")
         x = as_float_array(x, "x")
-        self._check_input(x, bool(training))
+        self._check_input(x, training)
+        if x.ndim >= 1 and x.shape[0] == 0:
+            raise ValueError(
+                f"x has an empty batch (shape {x.shape}); expected at least "
+                "one example"
+            )
         if not self._built:
             self.build(x.shape, x.dtype)
-        y, cache = self._forward(x, bool(training))
+        y, cache = self._forward(x, training)
         self._cache = cache
-        self._last_training = bool(training)
+        self._last_training = training
         return y
 
     def backward(self, dy: Any) -> np.ndarray:
-        """Backpropagate ``dy`` through the last call; fill ``grads``; return ``dx``."""
+        """Backpropagate ``dy`` through the last call; fill ``grads``.
+
+        Returns ``dx``, the gradient with respect to the last input.
+        """
         if self._cache is None:
             state = (
                 "has not been called"
                 if self._last_training is None
-                else "was last called with training=False, which keeps nothing to differentiate"
+                else "has not been called since its weights were set"
             )
             raise ValueError(
-                f"backward(dy) needs a preceding forward call; this {type(self).__name__} {state}"
+                "backward(dy) needs a preceding forward call; this "
+                f"{type(self).__name__} {state}"
             )
         dy = as_float_array(dy, "dy")
         expected = self._cache_output_shape()
         if dy.shape != expected:
             raise ValueError(
-                f"dy must have the shape of the last output {expected}; received shape {dy.shape}"
+                f"dy must have the shape of the last output {expected}; "
+                f"received shape {dy.shape}"
             )
         dx, grads = self._backward(dy, self._cache)
-        self.grads = grads
+        self._grads = grads
         return dx
 
-    def _cache_output_shape(self) -> tuple[int, ...]:
-        return self._cache.output_shape
+    def _array(self, name: str) -> np.ndarray:
+        """The layer's array ``name``; an error before the layer is built."""
+        array = getattr(self, name)
+        if array is None:
+            raise ValueError(
+                f"this {type(self).__name__} is not built (it has no {name})"
+            )
+        return array  # type: ignore[no-any-return]
 
+    def _cache_output_shape(self) -> tuple[int, ...]:
+        return tuple(self._cache.output_shape)
+
+    # ---------------------------------------------------------- weights I/O
     def get_weights(self) -> list[np.ndarray]:
         """Copies of the arrays in Keras's order."""
         if not self._built:
             raise ValueError(
-                f"get_weights() needs a built {type(self).__name__}; call it on an input or build() it first"
+                f"get_weights() needs a built {type(self).__name__}; call it "
+                "on an input or build() it first"
             )
         return [getattr(self, name).copy() for name in self.weight_names()]
 
-    def set_weights(self, weights: Sequence[Any]) -> None:
-        """Assign arrays in Keras's order (``keras_layer.get_weights()``), in place.
+    def set_weights(self, weights: Iterable[Any]) -> None:
+        """Assign arrays in Keras's order (``keras_layer.get_weights()``).
 
-        Every array is checked before any is assigned: a failed call leaves
-        the layer unchanged.
+        ``weights`` is any iterable of arrays (a list, a tuple, a
+        generator).  Every array is checked (count, shape, a real floating
+        or integer dtype, finite values) before any is assigned: a failed
+        call leaves the layer unchanged.  The arrays are copied into the
+        layer's own, in place, in the layer's dtype.
         """
+        self._assign_weights(self._check_weights(weights))
+
+    def _weights_list(self, weights: Any) -> list[Any]:
+        """``weights`` as a list of as many entries as ``weight_names()``."""
         names = self.weight_names()
-        if (
-            isinstance(weights, (dict, str))
-            or not hasattr(weights, "__len__")
-            or len(weights) != len(names)
+        expected = (
+            f"a list of {len(names)} arrays ({', '.join(names) or 'none'}) "
+            f"for {type(self).__name__}"
+        )
+        if isinstance(weights, (Mapping, str, bytes, np.ndarray)) or not (
+            isinstance(weights, Iterable)
         ):
-            raise ValueError(
-                f"weights must be a list of {len(names)} arrays ({', '.join(names) or 'none'}) for "
-                f"{type(self).__name__}; received {describe(weights)}"
+            raise TypeError(
+                f"weights must be {expected}; received {describe(weights)}"
             )
+        items = list(weights)
+        if len(items) != len(names):
+            raise ValueError(
+                f"weights must be {expected}; received {len(items)} arrays"
+            )
+        return items
+
+    def _check_weights(self, weights: Any) -> list[np.ndarray]:
+        """Check ``weights`` for :meth:`set_weights`; assign nothing."""
+        items = self._weights_list(weights)
+        if not items:
+            return []
         if not self._built:
             raise ValueError(
-                f"set_weights() needs a built {type(self).__name__}: call it on an input or build() it first"
+                f"set_weights() needs a built {type(self).__name__}: call it "
+                "on an input or build() it first"
             )
         arrays = []
-        for name, value in zip(names, weights):
-            array = as_float_array(value, f"weights[{name!r}]")
+        for name, value in zip(self.weight_names(), items, strict=True):
+            label = f"weights[{name!r}]"
+            array = as_float_array(value, label)
             expected = getattr(self, name).shape
             if array.shape != expected:
                 raise ValueError(
-                    f"weights[{name!r}] has shape {array.shape}; expected {expected}"
+                    f"{label} has shape {array.shape}; expected {expected}"
                 )
-            arrays.append(array)
-        for name, array in zip(names, arrays):
+            arrays.append(check_finite(array, label))
+        return arrays
+
+    def _assign_weights(self, arrays: list[np.ndarray]) -> None:
+        """Copy checked arrays into the layer's arrays, in place."""
+        for name, array in zip(self.weight_names(), arrays, strict=True):
             getattr(self, name)[...] = array
+
+
+def leaf_layers(model: Any) -> Iterator[Any]:
+    """The layers of ``model`` in order, looking inside nested models.
+
+    ``model`` is a layer, anything with a ``layers`` list (a
+    ``Sequential``), or an iterable of those.  Items that are neither are
+    yielded as they are (callers decide whether they accept them).
+    """
+    if hasattr(model, "layers"):
+        for inner in model.layers:
+            yield from leaf_layers(inner)
+    elif isinstance(model, (Layer, str, bytes)):
+        yield model
+    elif isinstance(model, Iterable):
+        for inner in model:
+            yield from leaf_layers(inner)
+    else:
+        yield model

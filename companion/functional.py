@@ -1,22 +1,28 @@
-"""Batch normalization as stateless functions (the paper's Algorithms 1 and 2).
+"""Batch normalization as stateless functions (the paper's Algorithms 1, 2).
 
 The contract is CS231n's: ``batchnorm_forward`` returns the output and a
 cache, ``batchnorm_backward(dy, cache)`` returns the gradients.  ``axis`` is
 the feature (channel) axis that is *kept*, as in Keras: statistics are taken
 over every other axis.  ``axis=-1`` normalizes (N, D) and NHWC inputs,
-``axis=1`` NCHW ones; any rank >= 2 works.
+``axis=1`` NCHW ones; any rank >= 2 works.  In inference mode batch norm is
+a fixed affine map: ``batchnorm_inference`` computes it and
+``batchnorm_inference_backward`` differentiates it (a network whose batch
+norm layers are frozen trains through it).
 
-Dtypes: floating inputs keep their dtype; integer inputs are cast to float64.
-16-bit floats (float16, ``ml_dtypes.bfloat16``) are computed in float32 and
-the result is cast back, as Keras does.
+Dtypes: floating inputs keep their dtype; integer inputs are cast to
+float64.  16-bit floats (float16, ``ml_dtypes.bfloat16``) are computed in
+float32 and the result is cast back, as Keras does.
 
-Non-finite input: a NaN or an infinity in a channel makes that channel's mean
-or variance non-finite, so every output of *that channel* is NaN; the other
-channels are unaffected (an infinity makes numpy warn "invalid value" when it
-is centred).  Nothing is raised: checking would cost a pass over the data,
-and frameworks do not check either.  In inference mode the statistics are
-fixed, so a non-finite input only affects its own output.  The tests pin
-this behaviour.
+Non-finite input: a NaN or an infinity in a channel of ``x`` makes that
+channel's mean or variance non-finite, so every output of *that channel* is
+NaN; the other channels are unaffected (an infinity makes numpy warn
+"invalid value" when it is centered).  Nothing is raised for ``x``: checking
+would cost a pass over the data, and frameworks do not check either.  In
+inference mode the statistics are fixed, so a non-finite input only affects
+its own output.  The per-channel arguments (``gamma``, ``beta``, the moving
+statistics) are checked: a NaN or an infinity there is a ``ValueError``
+unless ``check_finite=False`` (the layer passes that: a diverged training
+run then propagates NaN, as frameworks do).  The tests pin this behavior.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import numpy as np
 
 from companion._validation import (
     as_float_array,
-    channel_axis,
     check_channel_vector,
     check_epsilon,
-    check_rank,
+    check_normalizable,
+    check_training_count,
     compute_dtype,
     describe,
 )
@@ -41,6 +47,7 @@ __all__ = [
     "batchnorm_backward_staged",
     "batchnorm_forward",
     "batchnorm_inference",
+    "batchnorm_inference_backward",
 ]
 
 
@@ -73,26 +80,29 @@ class BatchNormCache(NamedTuple):
     gamma_dtype: np.dtype
     beta_dtype: np.dtype
 
+    # A property named like tuple.count: m is what the book calls it.
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]
         """The number m of values each channel's statistics are taken over."""
-        return self.x_hat.size // self.x_hat.shape[self.axis]
+        return int(self.x_hat.size // self.x_hat.shape[self.axis])
 
 
 def _channel_sum(
     a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1
 ) -> np.ndarray:
-    """Per-channel sum over ``axes`` (keepdims), divided by ``divide_by``, accumulated in float64.
+    """Per-channel sum over ``axes`` (keepdims), divided by ``divide_by``.
 
-    numpy adds along non-contiguous axes one value after another, so a float32
-    sum over the N*H*W values of a channel would lose about log10(N*H*W)
-    digits; accumulating in (at least) float64 and rounding once keeps float32
-    statistics within an ulp or two of the exact ones.
+    Accumulated in float64: numpy adds along non-contiguous axes one value
+    after another, so a float32 sum over the N*H*W values of a channel
+    would lose about log10(N*H*W) digits; accumulating in (at least)
+    float64 and rounding once keeps float32 statistics within an ulp or two
+    of the exact ones.
     """
     total = a.sum(
         axis=axes, keepdims=True, dtype=np.promote_types(a.dtype, np.float64)
     )
-    return (total / divide_by).astype(a.dtype, copy=False)
+    result: np.ndarray = (total / divide_by).astype(a.dtype, copy=False)
+    return result
 
 
 def _channel_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -102,33 +112,45 @@ def _channel_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     )
 
 
-def _prepare(
-    x: object, params: dict[str, object], axis: object, epsilon: object
-) -> tuple[
-    np.ndarray,
-    dict[str, np.ndarray],
-    int,
-    tuple[int, ...],
-    tuple[int, ...],
-    float,
-]:
-    """Validate the common arguments.
+class _Prepared(NamedTuple):
+    """The checked common arguments of the functions below."""
 
-    Returns the input array, the per-channel arrays, the normalized axis, the
-    reduced axes, the broadcast shape of a per-channel array, and epsilon.
-    """
+    x: np.ndarray
+    params: dict[str, np.ndarray]
+    """The per-channel arrays by name, each of shape (C,)."""
+    kept: int
+    """The channel axis, non-negative."""
+    reduce_axes: tuple[int, ...]
+    shape: tuple[int, ...]
+    """The broadcast shape of a per-channel array."""
+    epsilon: float
+
+
+def _prepare(
+    x: object,
+    params: dict[str, object],
+    axis: object,
+    epsilon: object,
+    check_finite: bool,
+) -> _Prepared:
+    """Check the common arguments (before any computation)."""
     x_array = as_float_array(x, "x")
-    check_rank(x_array)
-    kept = channel_axis(axis, x_array.ndim)
+    kept = check_normalizable(x_array, axis)
     channels = x_array.shape[kept]
     checked = {
-        name: check_channel_vector(value, name, channels)
+        name: check_channel_vector(value, name, channels, finite=check_finite)
         for name, value in params.items()
     }
+    variance = checked.get("moving_variance")
+    if variance is not None and np.any(variance < 0):
+        raise ValueError(
+            "moving_variance must be >= 0 in every channel; received "
+            f"minimum {float(variance.min())!r}"
+        )
     eps = check_epsilon(epsilon)
     reduce_axes = tuple(i for i in range(x_array.ndim) if i != kept)
     shape = tuple(channels if i == kept else 1 for i in range(x_array.ndim))
-    return x_array, checked, kept, reduce_axes, shape, eps
+    return _Prepared(x_array, checked, kept, reduce_axes, shape, eps)
 
 
 def batchnorm_forward(
@@ -138,8 +160,9 @@ def batchnorm_forward(
     *,
     axis: int = -1,
     epsilon: float = 1e-3,
+    check_finite: bool = True,
 ) -> tuple[np.ndarray, BatchNormCache]:
-    r"""Training-mode batch normalization (Algorithm 1 of Ioffe & Szegedy, 2015).
+    r"""Training-mode batch normalization (Algorithm 1 of Ioffe & Szegedy).
 
     For every channel, over the m values of the batch (and of the spatial
     positions, for convolutions):
@@ -151,9 +174,10 @@ def batchnorm_forward(
         \hat x_i = \frac{x_i - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}, \qquad
         y_i = \gamma \hat x_i + \beta .
 
-    The variance is computed by the two-pass formula (centre first, then
-    square); :math:`E[x^2] - E[x]^2` loses every digit when the mean is large
-    compared with the spread.  Derived in chapter 2, *The forward pass*.
+    The variance is computed by the two-pass formula (center first, then
+    square); :math:`E[x^2] - E[x]^2` loses every digit when the mean is
+    large compared with the spread.  Derived in chapter 2, *The forward
+    pass*.
 
     Parameters
     ----------
@@ -165,6 +189,8 @@ def batchnorm_forward(
         The kept channel axis; negative values count from the end.
     epsilon : float
         Added to the variance, > 0.
+    check_finite : bool
+        Refuse NaN and infinities in ``gamma`` and ``beta``.
 
     Returns
     -------
@@ -178,19 +204,25 @@ def batchnorm_forward(
     TypeError
         Non-numeric ``x``, ``gamma`` or ``beta``; a non-int ``axis``.
     ValueError
-        Rank < 2, ``axis`` out of range, ``gamma``/``beta`` not of shape (C,),
-        ``epsilon`` <= 0, or a single value per channel (m = 1: the batch
-        variance is 0 for every input and the output is just ``beta``).
+        Rank < 2, ``axis`` out of range, no channel or an empty batch,
+        ``gamma``/``beta`` not of shape (C,) or not finite, ``epsilon``
+        <= 0, or a single value per channel (m = 1: the batch variance is
+        0 for every input and the output is just ``beta``).
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, cache = batchnorm_forward(x, np.ones(2), np.zeros(2))
+    >>> cache.mean, cache.var
+    (array([ 2., 20.]), array([  1., 100.]))
+    >>> y.round(4)
+    array([[-0.9995, -1.    ],
+           [ 0.9995,  1.    ]])
     """
     x, params, kept, reduce_axes, shape, eps = _prepare(
-        x, {"gamma": gamma, "beta": beta}, axis, epsilon
+        x, {"gamma": gamma, "beta": beta}, axis, epsilon, check_finite
     )
-    count = x.size // x.shape[kept]
-    if count < 2:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training; received x of shape "
-            f"{x.shape} with axis={axis}, which leaves {count} value per channel"
-        )
+    check_training_count(x, kept, axis)
     dtype = compute_dtype(x.dtype)
     xc_in = x.astype(dtype, copy=False)
     gamma_b = params["gamma"].astype(dtype).reshape(shape)
@@ -221,18 +253,19 @@ def batchnorm_forward(
 
 
 def _check_backward_args(dy: object, cache: object) -> np.ndarray:
-    """dy must match the cached forward input; cache must come from batchnorm_forward."""
+    """dy must match the cached forward input; cache must be a cache."""
     if not isinstance(cache, BatchNormCache):
         raise TypeError(
-            "cache must be the BatchNormCache returned by batchnorm_forward (training mode); "
-            f"received {describe(cache)}. batchnorm_inference keeps no cache: in inference "
-            "mode batch norm is a fixed affine map, differentiate it as such"
+            "cache must be the BatchNormCache returned by batchnorm_forward "
+            f"(training mode); received {describe(cache)}. In inference mode "
+            "batch norm is a fixed affine map and keeps no cache: "
+            "differentiate it with batchnorm_inference_backward"
         )
     dy_array = as_float_array(dy, "dy")
     if dy_array.shape != cache.x_hat.shape:
         raise ValueError(
-            f"dy must have the shape of the forward output {cache.x_hat.shape}; "
-            f"received shape {dy_array.shape}"
+            "dy must have the shape of the forward output "
+            f"{cache.x_hat.shape}; received shape {dy_array.shape}"
         )
     return dy_array.astype(cache.x_hat.dtype, copy=False)
 
@@ -243,7 +276,7 @@ def _cast_grads(
     dbeta: np.ndarray,
     cache: BatchNormCache,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients in the dtypes of what they are gradients of; dgamma, dbeta of shape (C,)."""
+    """Gradients in the dtypes of their variables; dgamma, dbeta (C,)."""
     return (
         dx.astype(cache.x_dtype, copy=False),
         dgamma.reshape(-1).astype(cache.gamma_dtype, copy=False),
@@ -256,20 +289,23 @@ def batchnorm_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Gradients of batch normalization in closed form.
 
-    With :math:`g = \partial L / \partial y` (``dy``), per channel over m values:
+    With :math:`g = \partial L / \partial y` (``dy``), per channel over m
+    values:
 
     .. math::
 
         \frac{\partial L}{\partial \beta} = \sum_i g_i, \qquad
         \frac{\partial L}{\partial \gamma} = \sum_i g_i \hat x_i, \qquad
-        \frac{\partial L}{\partial x_i} = \frac{\gamma}{\sqrt{\sigma_B^2+\epsilon}}
+        \frac{\partial L}{\partial x_i}
+            = \frac{\gamma}{\sqrt{\sigma_B^2+\epsilon}}
             \left( g_i - \frac{1}{m}\frac{\partial L}{\partial \beta}
-                   - \hat x_i \frac{1}{m}\frac{\partial L}{\partial \gamma} \right).
+                   - \hat x_i \frac{1}{m}\frac{\partial L}{\partial \gamma}
+            \right).
 
     The input gradient reuses the two parameter gradients and the cached
     :math:`\hat x` and :math:`1/\sqrt{\sigma_B^2+\epsilon}`; nothing of the
-    forward pass is recomputed.  Derived by hand in chapter 3, *The backward
-    pass*.
+    forward pass is recomputed.  Derived by hand in chapter 3, *The
+    backward pass*.
 
     Parameters
     ----------
@@ -284,6 +320,17 @@ def batchnorm_backward(
         Shape and dtype of the forward input.
     dgamma, dbeta : ndarrays of shape (C,)
         In the dtypes of ``gamma`` and ``beta``.
+
+    Examples
+    --------
+    A constant upstream gradient moves every output of a channel alike,
+    which the normalization undoes: ``dx`` is 0.
+
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    >>> _, cache = batchnorm_forward(x, np.ones(2), np.zeros(2))
+    >>> dx, dgamma, dbeta = batchnorm_backward(np.ones((3, 2)), cache)
+    >>> bool(np.abs(dx).max() < 1e-12), dbeta
+    (True, array([3., 3.]))
     """
     dy = _check_backward_args(dy, cache)
     dbeta = _channel_sum(dy, cache.reduce_axes)
@@ -298,12 +345,12 @@ def batchnorm_backward(
 def batchnorm_backward_staged(
     dy: np.ndarray, cache: BatchNormCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Gradients of batch normalization, node by node through the computational graph.
+    r"""Gradients of batch normalization, node by node through the graph.
 
     The forward pass as a graph of elementary operations, per channel::
 
         mu      = mean(x)                  (1) mean
-        xc      = x - mu                   (2) centre
+        xc      = x - mu                   (2) center
         sq      = xc ** 2                  (3) square
         var     = mean(sq)                 (4) variance
         var_eps = var + epsilon            (5) +epsilon
@@ -314,8 +361,8 @@ def batchnorm_backward_staged(
         y       = scaled + beta            (10) shift
 
     Backpropagation visits the nodes in reverse, applying the chain rule
-    locally; where a value fans out (``xc`` feeds nodes 3 and 8, ``x`` feeds
-    nodes 1 and 2) the incoming gradients add.  Slower than
+    locally; where a value fans out (``xc`` feeds nodes 3 and 8, ``x``
+    feeds nodes 1 and 2) the incoming gradients add.  Slower than
     :func:`batchnorm_backward` and equal to it to rounding; it exists to be
     read.  Derived in chapter 3, *The backward pass*.
 
@@ -323,15 +370,10 @@ def batchnorm_backward_staged(
     """
     dy = _check_backward_args(dy, cache)
     axes, m = cache.reduce_axes, cache.count
-    xc, x_hat, inv_std, gamma = (
-        cache.x_centered,
-        cache.x_hat,
-        cache.inv_std,
-        cache.gamma,
-    )
-    std = np.sqrt(
-        cache.var.reshape(inv_std.shape) + inv_std.dtype.type(cache.epsilon)
-    )
+    xc, x_hat = cache.x_centered, cache.x_hat
+    inv_std, gamma = cache.inv_std, cache.gamma
+    eps = inv_std.dtype.type(cache.epsilon)
+    std = np.sqrt(cache.var.reshape(inv_std.shape) + eps)
 
     # (10) y = scaled + beta
     dbeta = _channel_sum(dy, axes)
@@ -369,12 +411,14 @@ def batchnorm_inference(
     *,
     axis: int = -1,
     epsilon: float = 1e-3,
+    check_finite: bool = True,
 ) -> np.ndarray:
-    r"""Inference-mode batch normalization with fixed statistics (Algorithm 2, step 10).
+    r"""Inference-mode batch normalization (Algorithm 2, step 11).
 
     .. math::
 
-        y = \gamma \, \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
+        y = \gamma \, \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x]
+            + \epsilon}} + \beta
 
     where E[x] and Var[x] are ``moving_mean`` and ``moving_variance`` (the
     paper uses the population statistics; Keras and this package use
@@ -387,14 +431,24 @@ def batchnorm_inference(
     x : array of rank >= 2
     gamma, beta, moving_mean, moving_variance : arrays of shape (C,)
         ``moving_variance`` must be >= 0.
-    axis, epsilon
+    axis, epsilon, check_finite
         As in :func:`batchnorm_forward`.
 
     Returns
     -------
     y : ndarray
         Same shape and floating dtype as ``x``.  No cache: this is a fixed
-        affine map, not something :func:`batchnorm_backward` can differentiate.
+        affine map; :func:`batchnorm_inference_backward` differentiates it.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> batchnorm_inference(
+    ...     x, np.ones(2), np.zeros(2), np.array([2.0, 20.0]),
+    ...     np.array([1.0, 100.0]), epsilon=1e-3,
+    ... ).round(4)
+    array([[-0.9995, -1.    ],
+           [ 0.9995,  1.    ]])
     """
     x, params, _, _, shape, eps = _prepare(
         x,
@@ -406,23 +460,107 @@ def batchnorm_inference(
         },
         axis,
         epsilon,
+        check_finite,
     )
-    if np.any(params["moving_variance"] < 0):
-        raise ValueError(
-            "moving_variance must be >= 0 in every channel; received minimum "
-            f"{float(params['moving_variance'].min())!r}"
-        )
     dtype = compute_dtype(x.dtype)
     mean, var, gamma_b, beta_b = (
         params[name].astype(dtype).reshape(shape)
         for name in ("moving_mean", "moving_variance", "gamma", "beta")
     )
-    y = (
-        gamma_b
-        * (
-            (x.astype(dtype, copy=False) - mean)
-            / np.sqrt(var + dtype.type(eps))
-        )
-        + beta_b
+    x_in = x.astype(dtype, copy=False)
+    y = gamma_b * ((x_in - mean) / np.sqrt(var + dtype.type(eps))) + beta_b
+    result: np.ndarray = y.astype(x.dtype, copy=False)
+    return result
+
+
+def batchnorm_inference_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    gamma: np.ndarray,
+    moving_mean: np.ndarray,
+    moving_variance: np.ndarray,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-3,
+    check_finite: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Gradients of inference-mode batch normalization (a fixed affine map).
+
+    With the statistics fixed, :math:`y = \gamma \hat x + \beta` with
+    :math:`\hat x = (x - \mathrm{E}[x]) / \sqrt{\mathrm{Var}[x] +
+    \epsilon}` is affine in ``x`` and nothing couples the examples, so with
+    :math:`g = \partial L / \partial y` (``dy``):
+
+    .. math::
+
+        \frac{\partial L}{\partial x_i}
+            = \frac{\gamma}{\sqrt{\mathrm{Var}[x] + \epsilon}} \, g_i,
+        \qquad
+        \frac{\partial L}{\partial \gamma} = \sum_i g_i \hat x_i, \qquad
+        \frac{\partial L}{\partial \beta} = \sum_i g_i .
+
+    This is how a network whose batch norm is frozen (fine-tuning;
+    ``trainable=False`` in Keras) trains.  Unlike
+    :func:`batchnorm_backward`, ``dx`` has no terms through the batch
+    statistics.  Chapter 4, *Training versus inference*.
+
+    Parameters
+    ----------
+    dy : array
+        The upstream gradient, the shape of ``x``.
+    x, gamma, moving_mean, moving_variance, axis, epsilon, check_finite
+        The arguments of the :func:`batchnorm_inference` call (``beta``
+        does not enter the gradients).
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of ``x``.
+    dgamma, dbeta : ndarrays of shape (C,)
+        In the dtype of ``gamma``.
+
+    Examples
+    --------
+    >>> x, dy = np.array([[1.0, 10.0], [3.0, 30.0]]), np.ones((2, 2))
+    >>> dx, dgamma, dbeta = batchnorm_inference_backward(
+    ...     dy, x, np.array([2.0, 1.0]), np.zeros(2), np.full(2, 4.0),
+    ...     epsilon=1e-12,
+    ... )
+    >>> dx, dgamma, dbeta
+    (array([[1. , 0.5],
+           [1. , 0.5]]), array([ 2., 20.]), array([2., 2.]))
+    """
+    x, params, _, reduce_axes, shape, eps = _prepare(
+        x,
+        {
+            "gamma": gamma,
+            "moving_mean": moving_mean,
+            "moving_variance": moving_variance,
+        },
+        axis,
+        epsilon,
+        check_finite,
     )
-    return y.astype(x.dtype, copy=False)
+    dy_array = as_float_array(dy, "dy")
+    if dy_array.shape != x.shape:
+        raise ValueError(
+            f"dy must have the shape of x, {x.shape}; received shape "
+            f"{dy_array.shape}"
+        )
+    dtype = compute_dtype(x.dtype)
+    mean, var, gamma_b = (
+        params[name].astype(dtype).reshape(shape)
+        for name in ("moving_mean", "moving_variance", "gamma")
+    )
+    g = dy_array.astype(dtype, copy=False)
+    std = np.sqrt(var + dtype.type(eps))
+    x_hat = (x.astype(dtype, copy=False) - mean) / std
+    dbeta = _channel_sum(g, reduce_axes)
+    dgamma = _channel_sum(g * x_hat, reduce_axes)
+    dx = (gamma_b / std) * g
+    param_dtype = params["gamma"].dtype
+    return (
+        dx.astype(x.dtype, copy=False),
+        dgamma.reshape(-1).astype(param_dtype, copy=False),
+        dbeta.reshape(-1).astype(param_dtype, copy=False),
+    )

@@ -1,4 +1,4 @@
-"""Numerical gradients by central differences, to check hand-written backward passes.
+"""Numerical gradients by central differences, to check backward passes.
 
 Chapter 3, *The backward pass*, uses these to check
 :func:`companion.functional.batchnorm_backward`; the tests use them for every
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from companion._validation import describe
+from companion._validation import check_positive_real
 
 __all__ = ["numerical_gradient", "rel_error"]
 
@@ -53,28 +53,28 @@ def numerical_gradient(
     Returns
     -------
     ndarray, float64, shape of ``x``.
+
+    Examples
+    --------
+    >>> x = np.array([[0.0, 1.0]])
+    >>> numerical_gradient(np.sin, x, np.ones((1, 2))).round(8)  # cos(x)
+    array([[1.        , 0.54030231]])
     """
     x = np.asarray(x)
     if x.dtype != np.float64:
         raise TypeError(
-            f"x must be float64 for a meaningful numerical gradient; received dtype {x.dtype} "
-            "(in float32 the rounding error of a central difference is about 1e-2)"
+            "x must be float64 for a meaningful numerical gradient; "
+            f"received dtype {x.dtype} (in float32 the rounding error of a "
+            "central difference is about 1e-2)"
         )
-    if not (
-        isinstance(h, (int, float))
-        and not isinstance(h, bool)
-        and np.isfinite(h)
-        and h > 0
-    ):
-        raise ValueError(
-            f"h must be a finite number > 0; received {describe(h)}"
-        )
+    h = check_positive_real(h, "h")
     dy = np.asarray(dy, dtype=np.float64)
     point = x.astype(np.float64, copy=True)
     out_shape = np.shape(f(point))
     if out_shape != dy.shape:
         raise ValueError(
-            f"dy must have the shape of f(x), {out_shape}; received shape {dy.shape}"
+            f"dy must have the shape of f(x), {out_shape}; received shape "
+            f"{dy.shape}"
         )
 
     def loss() -> float:
@@ -94,12 +94,20 @@ def numerical_gradient(
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    r"""Relative error :math:`\lVert a - b \rVert_2 / (\lVert a \rVert_2 + \lVert b \rVert_2)`.
+    r"""Relative error of two arrays, norm-wise.
 
-    A norm-wise error: unlike the element-wise maximum of
-    :math:`|a_i - b_i| / (|a_i| + |b_i|)`, it does not blow up on entries that
-    are zero up to rounding (batch-norm gradients have many).  0 when both
-    are zero; 1 when one of them is zero and the other is not.
+    .. math::
+
+        \frac{\lVert a - b \rVert_2}{\lVert a \rVert_2 + \lVert b \rVert_2}
+
+    Unlike the element-wise maximum of :math:`|a_i - b_i| / (|a_i| +
+    |b_i|)`, it does not blow up on entries that are zero up to rounding
+    (batch-norm gradients have many).  0 when both are zero; 1 when one of
+    them is zero and the other is not.
+
+    >>> a = np.array([3.0, 4.0])  # norm 5
+    >>> round(rel_error(a, a + [0.0, 1e-6]), 12)  # 1e-6 / (5 + 5)
+    1e-07
 
     Raises
     ------
@@ -110,7 +118,8 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(
-            f"a and b must have the same shape; received {a.shape} and {b.shape}"
+            "a and b must have the same shape; received "
+            f"{a.shape} and {b.shape}"
         )
     scale = np.linalg.norm(a) + np.linalg.norm(b)
     if scale == 0:

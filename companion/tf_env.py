@@ -12,6 +12,7 @@ logger to errors.  Errors raised by the import still propagate.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ def _stderr_fd_silenced() -> Iterator[None]:
 
 
 def import_tensorflow(legacy_keras: bool = False) -> ModuleType:
-    """Import and return the ``tensorflow`` module without its start-up chatter.
+    """Import and return ``tensorflow`` without its start-up chatter.
 
     Parameters
     ----------
@@ -51,8 +52,12 @@ def import_tensorflow(legacy_keras: bool = False) -> ModuleType:
 
     Raises
     ------
+    ImportError
+        TensorFlow is not installed: ``pip install
+        "batchnorm-companion[tf]"`` (TensorFlow and tf-keras).
     RuntimeError
-        ``legacy_keras=True`` after TensorFlow was already imported without it.
+        ``legacy_keras=True`` after TensorFlow was already imported without
+        it.
     """
     if legacy_keras:
         if (
@@ -60,12 +65,26 @@ def import_tensorflow(legacy_keras: bool = False) -> ModuleType:
             and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
         ):
             raise RuntimeError(
-                "legacy_keras=True must be requested before TensorFlow is first imported in "
-                "this process; restart the kernel and call import_tensorflow(legacy_keras=True) first"
+                "legacy_keras=True must be requested before TensorFlow is "
+                "first imported in this process; restart the kernel and call "
+                "import_tensorflow(legacy_keras=True) first"
             )
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    install = 'pip install "batchnorm-companion[tf]"'
+    if legacy_keras and importlib.util.find_spec("tf_keras") is None:
+        raise ImportError(
+            "legacy_keras=True needs the tf-keras package (TensorFlow's "
+            f"legacy Keras, for tf.compat.v1.layers): {install}"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _stderr_fd_silenced():
-        import tensorflow as tf
+    try:
+        with _stderr_fd_silenced():
+            import tensorflow as tf
+    except ImportError as error:
+        raise ImportError(
+            f"TensorFlow could not be imported ({error}); companion.tf_env "
+            f"and companion.tf_models need it: {install}"
+        ) from error
     tf.get_logger().setLevel(logging.ERROR)
-    return tf
+    module: ModuleType = tf
+    return module

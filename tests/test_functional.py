@@ -1,4 +1,5 @@
-"""companion.functional: forward and inference against an independent reference."""
+"""companion.functional: forward and inference against an independent
+reference."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ LAYOUTS = [
 
 
 def reference(x, gamma, beta, axis, epsilon):
-    """Batch norm written independently: move the channel axis last, flatten the rest."""
+    """Batch norm written independently: move the channel axis last,
+    flatten the rest."""
     moved = np.moveaxis(x, axis, -1)
     flat = moved.reshape(-1, moved.shape[-1])
     mean = flat.mean(axis=0)
@@ -129,7 +131,7 @@ def test_cache_has_named_fields_and_is_not_a_bare_tuple():
     assert cache.reduce_axes == (0,)
 
 
-def test_two_pass_variance_survives_a_large_offset_where_the_naive_formula_fails():
+def test_two_pass_variance_survives_an_offset_that_defeats_the_naive_one():
     rng = np.random.default_rng(4)
     x64 = 1e4 + rng.normal(size=(256, 4))
     x32 = x64.astype(np.float32)
@@ -160,7 +162,8 @@ def test_low_precision_is_computed_in_float32_and_returned_in_the_input_dtype(
     y, cache = companion.batchnorm_forward(x, gamma, beta)
     assert y.dtype == np.dtype(dtype)
     assert cache.x_hat.dtype == np.float32
-    # The float32 result rounded once to the input dtype: within one unit of its last place.
+    # The float32 result rounded once to the input dtype: within one unit
+    # of its last place.
     expected, _, _ = reference(x.astype(np.float32), 1.0, 0.0, -1, 1e-3)
     np.testing.assert_allclose(cache.x_hat, expected, rtol=1e-5, atol=1e-6)
     ulp = float(ml_dtypes.finfo(dtype).eps)
@@ -183,7 +186,7 @@ def test_low_precision_is_computed_in_float32_and_returned_in_the_input_dtype(
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_output_dtype_is_the_input_dtype(dtype):
     x = np.random.default_rng(6).normal(size=(8, 2)).astype(dtype)
-    y, cache = companion.batchnorm_forward(x, np.ones(2), np.zeros(2))
+    y, _cache = companion.batchnorm_forward(x, np.ones(2), np.zeros(2))
     assert y.dtype == dtype
     assert (
         companion.batchnorm_inference(
@@ -253,7 +256,7 @@ def test_inputs_are_not_modified():
     _, cache = companion.batchnorm_forward(x, gamma, beta)
     companion.batchnorm_backward(dy, cache)
     companion.batchnorm_backward_staged(dy, cache)
-    for original, copy in zip((x, gamma, beta, dy), copies):
+    for original, copy in zip((x, gamma, beta, dy), copies, strict=True):
         np.testing.assert_array_equal(original, copy)
 
 
@@ -273,17 +276,19 @@ def _loops(function) -> list[str]:
         F.batchnorm_backward,
         F.batchnorm_backward_staged,
         F.batchnorm_inference,
+        F.batchnorm_inference_backward,
     ],
 )
 def test_math_has_no_python_loops(function):
-    """Vectorized numpy: no for/while over elements, channels or the batch (comprehensions over
-    the handful of named parameters are allowed)."""
+    """Vectorized numpy: no for/while over elements, channels or the batch
+    (comprehensions over the handful of named parameters are allowed)."""
     assert _loops(function) == []
 
 
 def test_float32_statistics_of_a_large_channel_are_accurate_to_a_few_ulp():
-    """Per-channel sums over N*H*W = 25,000 values are accumulated in float64: plain float32
-    accumulation along non-contiguous axes would be off by ~1e-4 relative."""
+    """Per-channel sums over N*H*W = 25,000 values are accumulated in
+    float64: plain float32 accumulation along non-contiguous axes would be
+    off by ~1e-4 relative."""
     x64 = np.random.default_rng(10).normal(0.5, 2.0, size=(100, 25, 10, 4))
     x32 = x64.astype(np.float32)
     _, cache = companion.batchnorm_forward(

@@ -39,9 +39,11 @@ def test_a_deliberately_wrong_batchnorm_gradient_is_caught():
         lambda t: companion.batchnorm_forward(t, gamma, beta)[0], x, dy
     )
     right = companion.batchnorm_backward(dy, cache)[0]
-    # The classic mistake: treat mu and sigma as constants, i.e. drop the two batch-coupling terms.
+    # The classic mistake: treat mu and sigma as constants, i.e. drop the
+    # two batch-coupling terms.
     wrong = cache.gamma * cache.inv_std * dy
-    # Off by one term: forget that mu depends on x (keep only the variance term).
+    # Off by one term: forget that mu depends on x (keep only the variance
+    # term).
     half_wrong = (
         cache.gamma
         * cache.inv_std
@@ -67,12 +69,13 @@ def test_rel_error():
 
 def test_numerical_gradient_rejects_bad_arguments():
     x = np.ones((2, 2))
-    with pytest.raises(TypeError, match="float64.*float32"):
+    with pytest.raises(TypeError, match=r"float64.*float32"):
         companion.numerical_gradient(np.sin, x.astype(np.float32), x)
-    with pytest.raises(ValueError, match="h must be .*> 0; received 0"):
+    with pytest.raises(ValueError, match=r"h must be .*> 0; received 0"):
         companion.numerical_gradient(np.sin, x, x, h=0)
     with pytest.raises(
         ValueError,
-        match=r"dy must have the shape of f\(x\), \(2, 2\); received shape \(3,\)",
+        match=r"dy must have the shape of f\(x\), \(2, 2\); received "
+        r"shape \(3,\)",
     ):
         companion.numerical_gradient(np.sin, x, np.ones(3))

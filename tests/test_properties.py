@@ -1,4 +1,5 @@
-"""Invariances of batch normalization, as property tests (hypothesis, float64)."""
+"""Invariances of batch normalization, as property tests (hypothesis,
+float64)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ finite = st.floats(
 
 @st.composite
 def batches(draw, min_rows: int = 2):
-    """A float64 (m, C) batch, its parameters and a random upstream gradient."""
+    """A float64 (m, C) batch, its parameters and a random upstream
+    gradient."""
     rows = draw(st.integers(min_rows, 12))
     channels = draw(st.integers(1, 4))
     x = draw(arrays(np.float64, (rows, channels), elements=finite))
@@ -32,7 +34,7 @@ def batches(draw, min_rows: int = 2):
 def test_output_has_mean_zero_and_variance_v_over_v_plus_eps(batch, epsilon):
     x, _, _, _ = batch
     channels = x.shape[1]
-    y, cache = companion.batchnorm_forward(
+    y, _cache = companion.batchnorm_forward(
         x, np.ones(channels), np.zeros(channels), epsilon=epsilon
     )
     v = x.var(axis=0)
@@ -51,13 +53,15 @@ def test_output_has_mean_zero_and_variance_v_over_v_plus_eps(batch, epsilon):
 def test_affine_invariance_is_exact_with_rescaled_epsilon(
     batch, a, b, epsilon
 ):
-    """BN_eps(a x + b) = BN_{eps / a^2}(x) for a > 0: exact, whatever the data."""
+    """BN_eps(a x + b) = BN_{eps / a^2}(x) for a > 0: exact, whatever the
+    data."""
     x, gamma, beta, _ = batch
     y_shifted, _ = companion.batchnorm_forward(
         a * x + b, gamma, beta, epsilon=epsilon
     )
     y, _ = companion.batchnorm_forward(x, gamma, beta, epsilon=epsilon / a**2)
-    # a*x + b rounds; the bound scales with the input's magnitude relative to its spread.
+    # a*x + b rounds; the bound scales with the input's magnitude relative
+    # to its spread.
     spread = np.maximum(x.std(axis=0), 1e-3)
     tolerance = (
         1e-9 * (np.abs(x).max(axis=0) + abs(b) / a + 1.0) / spread * gamma
@@ -86,14 +90,16 @@ def test_affine_invariance_with_small_epsilon(batch, a, b):
 def test_input_gradient_sums_to_zero_and_is_orthogonal_to_x_hat_up_to_epsilon(
     batch,
 ):
-    """sum_i dx_i = 0, and <dx, x_hat> = eps/(var+eps) * gamma/sqrt(var+eps) * sum(dy * x_hat).
+    """sum_i dx_i = 0, and <dx, x_hat> =
+    eps/(var+eps) * gamma/sqrt(var+eps) * sum(dy * x_hat).
 
     The second right-hand side vanishes only for eps = 0: dx is orthogonal to
     x_hat exactly when epsilon is zero, and nearly so when eps << var.
     """
     x, gamma, beta, dy = batch
-    # With epsilon = 1e-12, a (nearly) constant channel turns rounding residue of
-    # the mean into x_hat values of order 1e-8 whose sum is not 0: only spread-out
+    # With epsilon = 1e-12, a (nearly) constant channel turns rounding
+    # residue of the mean into x_hat values of order 1e-8 whose sum is not
+    # 0: only spread-out
     # channels are checked there.
     spread_out = bool(np.all(x.var(axis=0) > 1e-2))
     for epsilon in (1e-3, 1e-12) if spread_out else (1e-3,):

@@ -1,4 +1,5 @@
-"""Parity with TensorFlow: Keras 3's BatchNormalization, tf.nn.batch_normalization, GradientTape.
+"""Parity with TensorFlow: Keras 3's BatchNormalization,
+tf.nn.batch_normalization, GradientTape.
 
 float32 within 1e-5, float64 within 1e-10.
 """
@@ -206,7 +207,7 @@ def test_layer_matches_keras_after_five_training_calls(
     for step in range(5):
         x = rng.normal(2.0 + step, 1.0 + step, size=shape).astype(dtype)
         close(ours(x, training=True), theirs(x, training=True), dtype)
-    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+    for a, b in zip(ours.get_weights(), theirs.get_weights(), strict=True):
         close(a, b, dtype)
     assert ours.moving_mean.dtype == dtype
     x = rng.normal(size=shape).astype(dtype)
@@ -214,7 +215,8 @@ def test_layer_matches_keras_after_five_training_calls(
 
 
 def test_keras_moving_variance_is_the_biased_batch_variance(keras):
-    """Keras's moving variance uses the biased (1/m) variance, unlike PyTorch's running_var."""
+    """Keras's moving variance uses the biased (1/m) variance, unlike
+    PyTorch's running_var."""
     x = np.array([[0.0], [2.0]])  # biased variance 1, unbiased 2
     layer = keras_bn(keras, x.shape, np.float64, -1, momentum=0.0)
     layer(x, training=True)

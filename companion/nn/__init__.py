@@ -1,4 +1,4 @@
-"""``companion.nn``: the numpy layers of the source text's CNN, Keras's names and layouts.
+"""``companion.nn``: numpy layers of the source text's CNN, Keras's names.
 
 Every layer has ``__call__(x, training=False)``, ``backward(dy) -> dx``,
 ``params`` / ``grads`` dicts of numpy arrays, and ``get_weights()`` /

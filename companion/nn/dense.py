@@ -1,4 +1,4 @@
-r"""``Dense`` and ``Flatten``: the fully connected end of the source text's network.
+r"""``Dense`` and ``Flatten``: the fully connected end of the network.
 
 ``Dense`` computes :math:`y = x K + b` with ``kernel`` K of shape (in, out),
 Keras's layout.  Chapter 5 uses both.
@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from companion._validation import check_bool, check_int
 from companion.base import Layer
-from companion.nn.init import glorot_uniform, positive_int
+from companion.nn.init import glorot_uniform
 
 __all__ = ["Dense", "Flatten"]
 
@@ -25,24 +26,33 @@ class Dense(Layer):
     r"""Fully connected layer :math:`y = x K + b` on (N, in) inputs.
 
     Backward: :math:`\partial L/\partial K = x^\top\, dy`,
-    :math:`\partial L/\partial b = \sum_n dy_n`, :math:`\partial L/\partial x = dy\, K^\top`.
+    :math:`\partial L/\partial b = \sum_n dy_n`,
+    :math:`\partial L/\partial x = dy\, K^\top`.
 
     Parameters
     ----------
     units : int
         Output features.
     use_bias : bool
-    seed : int or None
+    seed : int >= 0 or None
         Seed of the Glorot-uniform initialization of ``kernel``.
+
+    Examples
+    --------
+    >>> dense = Dense(2, seed=0)
+    >>> dense.build((None, 3))
+    >>> dense.set_weights([np.ones((3, 2)), np.array([0.5, -0.5])])
+    >>> dense(np.array([[1.0, 2.0, 3.0]]))
+    array([[6.5, 5.5]])
     """
 
     def __init__(
         self, units: int, use_bias: bool = True, seed: int | None = None
     ) -> None:
         super().__init__()
-        self.units = positive_int(units, "units")
-        self.use_bias = bool(use_bias)
-        self.seed = seed
+        self.units = check_int(units, "units", low=1)
+        self.use_bias = check_bool(use_bias, "use_bias")
+        self.seed = None if seed is None else check_int(seed, "seed", low=0)
         self.kernel: np.ndarray | None = None
         self.bias: np.ndarray | None = None
 
@@ -55,11 +65,13 @@ class Dense(Layer):
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim != 2:
             raise ValueError(
-                f"x must have shape (N, features); received shape {x.shape} (use Flatten first)"
+                "x must have shape (N, features); received shape "
+                f"{x.shape} (use Flatten first)"
             )
         if self.kernel is not None and x.shape[1] != self.kernel.shape[0]:
             raise ValueError(
-                f"x has {x.shape[1]} features; this Dense was built for {self.kernel.shape[0]}"
+                f"x has {x.shape[1]} features; this Dense was built for "
+                f"{self.kernel.shape[0]}"
             )
 
     def _build(self, input_shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -75,7 +87,7 @@ class Dense(Layer):
     def _forward(
         self, x: np.ndarray, training: bool
     ) -> tuple[np.ndarray, _DenseCache]:
-        y = x @ self.kernel
+        y = x @ self._array("kernel")
         if self.bias is not None:
             y = y + self.bias
         return y, _DenseCache(x=x, output_shape=y.shape)
@@ -83,10 +95,11 @@ class Dense(Layer):
     def _backward(
         self, dy: np.ndarray, cache: _DenseCache
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        kernel = self._array("kernel")  # K, shape (in, out)
         grads = {"kernel": cache.x.T @ dy}
         if self.bias is not None:
             grads["bias"] = dy.sum(axis=0)
-        return dy @ self.kernel.T, grads
+        return dy @ kernel.T, grads
 
 
 class _FlattenCache(NamedTuple):
@@ -95,7 +108,10 @@ class _FlattenCache(NamedTuple):
 
 
 class Flatten(Layer):
-    """(N, d1, d2, ...) -> (N, d1*d2*...), in row-major (C) order, as ``keras.layers.Flatten``."""
+    """(N, d1, d2, ...) -> (N, d1*d2*...), in row-major (C) order.
+
+    As ``keras.layers.Flatten``.
+    """
 
     def __repr__(self) -> str:
         return "Flatten()"
@@ -103,7 +119,8 @@ class Flatten(Layer):
     def _check_input(self, x: np.ndarray, training: bool = False) -> None:
         if x.ndim < 2:
             raise ValueError(
-                f"x must have a batch axis and at least one more; received shape {x.shape}"
+                "x must have a batch axis and at least one more; received "
+                f"shape {x.shape}"
             )
 
     def _forward(

@@ -1,15 +1,14 @@
-"""Weight initialization and argument checks shared by the companion layers."""
+"""Weight initialization shared by the companion layers."""
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
-from companion._validation import describe
+from companion._validation import check_int
 
-__all__ = ["glorot_uniform", "positive_int"]
+__all__ = ["glorot_uniform"]
 
 
 def glorot_uniform(
@@ -19,23 +18,25 @@ def glorot_uniform(
     seed: int | None,
     dtype: Any,
 ) -> np.ndarray:
-    r"""Keras's default kernel initializer: :math:`U(-l, l)`, :math:`l = \sqrt{6 / (n_{in} + n_{out})}`.
+    r"""Keras's default kernel initializer, :math:`U(-l, l)`.
 
-    Glorot & Bengio (2010) choose the limit so that activations and gradients
-    keep their variance from layer to layer in a linear network.
+    The limit is :math:`l = \sqrt{6 / (n_{in} + n_{out})}`: Glorot & Bengio
+    (2010) choose it so that activations and gradients keep their variance
+    from layer to layer in a linear network.
+
+    >>> kernel = glorot_uniform((300, 100), 300, 100, seed=0, dtype="float32")
+    >>> bool(np.abs(kernel).max() <= np.sqrt(6 / 400)), kernel.dtype
+    (True, dtype('float32'))
     """
     limit = np.sqrt(6.0 / (fan_in + fan_out))
-    return (
-        np.random.default_rng(seed)
-        .uniform(-limit, limit, size=shape)
-        .astype(dtype)
-    )
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
 
 
 def positive_int(value: Any, name: str) -> int:
-    """Check that ``value`` is an int >= 1 and return it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; received {describe(value)}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; received {value}")
-    return int(value)
+    """Deprecated name of ``companion._validation.check_int(..., low=1)``.
+
+    Kept until every module imports the check from
+    :mod:`companion._validation`, its one home.
+    """
+    return check_int(value, name, low=1)

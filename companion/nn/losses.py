@@ -5,9 +5,11 @@ For logits :math:`z` (N, K) and integer labels :math:`t`:
 .. math::
 
     L = -\frac{1}{N}\sum_n \log \operatorname{softmax}(z_n)_{t_n}, \qquad
-    \frac{\partial L}{\partial z_n} = \frac{\operatorname{softmax}(z_n) - \operatorname{onehot}(t_n)}{N}
+    \frac{\partial L}{\partial z_n}
+        = \frac{\operatorname{softmax}(z_n) - \operatorname{onehot}(t_n)}{N}
 
-the mean over the batch, as ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+the mean over the batch, as Keras's
+``SparseCategoricalCrossentropy(from_logits=True)``.
 """
 
 from __future__ import annotations
@@ -22,21 +24,36 @@ __all__ = ["log_softmax", "softmax_cross_entropy"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log(softmax(z)) along the last axis, shifted by the row maximum so exp never overflows."""
+    """log(softmax(z)) along the last axis.
+
+    Shifted by the row maximum first, so that ``exp`` never overflows.
+
+    >>> log_softmax(np.array([[1000.0, 1000.0]]))
+    array([[-0.69314718, -0.69314718]])
+    """
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    result: np.ndarray = shifted - np.log(
+        np.exp(shifted).sum(axis=-1, keepdims=True)
+    )
+    return result
 
 
 def softmax_cross_entropy(
     logits: Any, labels: Any
 ) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy of ``logits`` (N, K) against integer ``labels`` (N,).
+    """Mean cross-entropy of ``logits`` (N, K) against integer ``labels``.
 
     Returns
     -------
     loss : float
     dlogits : ndarray (N, K)
         The gradient of the loss with respect to the logits.
+
+    Examples
+    --------
+    >>> loss, dlogits = softmax_cross_entropy(np.zeros((2, 4)), [0, 3])
+    >>> round(loss, 6), dlogits[0]  # ln 4; (1/4 - onehot) / N
+    (1.386294, array([-0.375,  0.125,  0.125,  0.125]))
     """
     z = as_float_array(logits, "logits")
     t = np.asarray(labels)
@@ -52,9 +69,14 @@ def softmax_cross_entropy(
         raise ValueError(
             f"labels must have shape ({z.shape[0]},); received shape {t.shape}"
         )
-    if t.size and (t.min() < 0 or t.max() >= z.shape[1]):
+    if z.shape[0] == 0:
         raise ValueError(
-            f"labels must be in [0, {z.shape[1] - 1}]; received values from {t.min()} to {t.max()}"
+            f"logits must hold at least one example; received shape {z.shape}"
+        )
+    if t.min() < 0 or t.max() >= z.shape[1]:
+        raise ValueError(
+            f"labels must be in [0, {z.shape[1] - 1}]; received values "
+            f"from {t.min()} to {t.max()}"
         )
     log_p = log_softmax(z)
     rows = np.arange(z.shape[0])

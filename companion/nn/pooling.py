@@ -1,4 +1,6 @@
-"""``MaxPool2D``: max-pooling over NHWC windows, gradient routed to each window's maximum.
+"""``MaxPool2D``: max-pooling over NHWC windows.
+
+The gradient of each window goes to the position of its maximum.
 
 Chapter 5 builds the source text's conv -> BN -> ReLU -> pool block from it.
 """
@@ -10,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from companion._validation import check_int
 from companion.base import Layer
-from companion.nn.init import positive_int
 
 __all__ = ["MaxPool2D"]
 
@@ -19,7 +21,7 @@ __all__ = ["MaxPool2D"]
 class _PoolCache(NamedTuple):
     input_shape: tuple[int, ...]
     argmax: np.ndarray
-    """(N, H', W', C): flat index (i * pw + j) of the maximum inside each window."""
+    """(N, H', W', C): flat index (i * pw + j) of each window's maximum."""
     output_shape: tuple[int, ...]
 
 
@@ -46,11 +48,11 @@ class MaxPool2D(Layer):
 
     def __init__(self, pool_size: int = 2, strides: int | None = None) -> None:
         super().__init__()
-        self.pool_size = positive_int(pool_size, "pool_size")
+        self.pool_size = check_int(pool_size, "pool_size", low=1)
         self.strides = (
             self.pool_size
             if strides is None
-            else positive_int(strides, "strides")
+            else check_int(strides, "strides", low=1)
         )
 
     def __repr__(self) -> str:
@@ -63,8 +65,8 @@ class MaxPool2D(Layer):
             )
         if min(x.shape[1], x.shape[2]) < self.pool_size:
             raise ValueError(
-                f"x of height x width {x.shape[1]} x {x.shape[2]} is smaller than the "
-                f"{self.pool_size} x {self.pool_size} pooling window"
+                f"x of height x width {x.shape[1]} x {x.shape[2]} is smaller "
+                f"than the {self.pool_size} x {self.pool_size} pooling window"
             )
 
     def _windows(self, x: np.ndarray) -> np.ndarray:
@@ -88,15 +90,14 @@ class MaxPool2D(Layer):
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         p, s = self.pool_size, self.strides
         n, h, w, c = dy.shape
-        # Input coordinates of every window's maximum, each of shape (N, H', W', C).
+        # Input coordinates of every window's maximum, each (N, H', W', C).
         rows = np.arange(h).reshape(1, h, 1, 1) * s + cache.argmax // p
         cols = np.arange(w).reshape(1, 1, w, 1) * s + cache.argmax % p
         index = (np.arange(n).reshape(n, 1, 1, 1), rows, cols, np.arange(c))
         dx = np.zeros(cache.input_shape, dtype=dy.dtype)
         if s >= p:
-            dx[index] = (
-                dy  # disjoint windows: every input position receives at most once
-            )
+            # Disjoint windows: every input position receives at most once.
+            dx[index] = dy
         else:
-            np.add.at(dx, index, dy)  # overlapping windows can share a maximum
+            np.add.at(dx, index, dy)  # overlapping windows can share a max
         return dx, {}

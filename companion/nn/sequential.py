@@ -1,5 +1,6 @@
-"""``Sequential``: a stack of layers, forward in order and backward in reverse.
+"""``Sequential``: layers applied in order, backpropagated in reverse.
 
+A ``Sequential`` is itself a :class:`~companion.base.Layer`, so models nest.
 Its weights list has Keras's order (layer by layer, each layer's
 ``get_weights()`` order), so ``model.set_weights(keras_model.get_weights())``
 copies an identically built Keras model.  Chapter 5 assembles the source
@@ -8,39 +9,58 @@ text's network with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from companion._validation import describe
+from companion._validation import check_bool, describe
 from companion.base import Layer
 
 __all__ = ["Sequential"]
 
 
-class Sequential:
-    """Layers applied one after the other.
+class Sequential(Layer):
+    """Layers applied one after the other; a layer itself (models nest).
 
     Parameters
     ----------
     layers : sequence of layers
-        Objects with ``__call__(x, training)``, ``backward(dy)``, ``params``,
-        ``grads``, ``get_weights()`` and ``set_weights()`` (every
-        :class:`companion.base.Layer`, including ``BatchNorm``).
+        :class:`companion.base.Layer` objects (``BatchNorm`` and other
+        ``Sequential`` models included).
+
+    Attributes
+    ----------
+    params, grads
+        The inner layers' trainable arrays and gradients under
+        ``"<index>.<name>"`` (``"0.kernel"``; ``"1.0.kernel"`` inside a
+        nested model).
+
+    Examples
+    --------
+    >>> from companion.nn import Dense, ReLU
+    >>> model = Sequential([Dense(4, seed=0), ReLU(), Dense(2, seed=1)])
+    >>> model.build((None, 3))
+    >>> list(model.params)
+    ['0.kernel', '0.bias', '2.kernel', '2.bias']
+    >>> model(np.ones((5, 3))).shape
+    (5, 2)
     """
 
     def __init__(self, layers: Sequence[Layer]) -> None:
+        super().__init__()
         layers = list(layers)
         for index, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(
-                    f"layers[{index}] must be a companion layer; received {describe(layer)}"
+                    f"layers[{index}] must be a companion layer; received "
+                    f"{describe(layer)}"
                 )
         self.layers = layers
 
     def __repr__(self) -> str:
-        inner = ",\n    ".join(repr(layer) for layer in self.layers)
+        inner = ",\n".join(repr(layer) for layer in self.layers)
+        inner = inner.replace("\n", "\n    ")
         return f"Sequential([\n    {inner},\n])"
 
     def __iter__(self) -> Iterator[Layer]:
@@ -49,59 +69,109 @@ class Sequential:
     def __len__(self) -> int:
         return len(self.layers)
 
+    # ------------------------------------------------------- forward/backward
+    @property
+    def built(self) -> bool:
+        """True once every layer is built."""
+        return all(layer.built for layer in self.layers)
+
     def __call__(self, x: Any, training: bool = False) -> np.ndarray:
+        training = check_bool(training, "training")
         for layer in self.layers:
             x = layer(x, training=training)
-        return x
+        result: np.ndarray = x
+        return result
 
     def backward(self, dy: Any) -> np.ndarray:
-        """Backpropagate through every layer in reverse; returns the gradient w.r.t. the input."""
+        """Backpropagate through every layer in reverse; returns dx."""
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
-        return dy
+        result: np.ndarray = dy
+        return result
 
     def build(
-        self, input_shape: Sequence[int], dtype: Any = np.float32
+        self, input_shape: Sequence[int | None], dtype: Any = np.float32
     ) -> None:
-        """Build every layer by running one inference-mode pass on zeros of ``input_shape``."""
-        self(np.zeros((1, *tuple(input_shape)[1:]), dtype=dtype))
+        """Build every layer: one inference pass on one example of zeros.
 
-    def get_weights(self) -> list[np.ndarray]:
-        """All layers' arrays, in Keras's order."""
-        return [w for layer in self.layers for w in layer.get_weights()]
+        The batch size in ``input_shape`` is ignored (it may be None).
+        """
+        _, *rest = tuple(input_shape)
+        self(np.zeros((1, *rest), dtype=dtype))
 
-    def set_weights(self, weights: Sequence[Any]) -> None:
-        """Assign a flat list in Keras's order (``keras_model.get_weights()``); all checked first."""
-        weights = list(weights)
-        counts = [len(layer.weight_names()) for layer in self.layers]
-        if len(weights) != sum(counts):
-            raise ValueError(
-                f"weights must be a list of {sum(counts)} arrays (the model's get_weights() order); "
-                f"received {len(weights)}"
-            )
-        chunks, start = [], 0
-        for layer, count in zip(self.layers, counts):
-            chunk = weights[start : start + count]
-            for name, value, current in zip(
-                layer.weight_names(),
-                chunk,
-                layer.get_weights() if count else [],
-            ):
-                if np.shape(value) != current.shape:
-                    raise ValueError(
-                        f"weights for {layer!r} {name!r} have shape {np.shape(value)}; expected {current.shape}"
-                    )
-            chunks.append(chunk)
-            start += count
-        for layer, chunk in zip(self.layers, chunks):
-            if chunk:
-                layer.set_weights(chunk)
+    # ------------------------------------------------- parameters, gradients
+    def weight_names(self) -> list[str]:
+        """``"<index>.<name>"`` for every array, in Keras's order."""
+        return [
+            f"{index}.{name}"
+            for index, layer in enumerate(self.layers)
+            for name in layer.weight_names()
+        ]
+
+    def trainable_names(self) -> list[str]:
+        """``"<index>.<name>"`` for every trainable array."""
+        return [
+            f"{index}.{name}"
+            for index, layer in enumerate(self.layers)
+            for name in layer.trainable_names()
+        ]
 
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Trainable arrays by ``"<index>.<name>"`` (e.g. ``"0.kernel"``)."""
         return {
-            f"{i}.{name}": a
-            for i, layer in enumerate(self.layers)
-            for name, a in layer.params.items()
+            f"{index}.{name}": array
+            for index, layer in enumerate(self.layers)
+            for name, array in layer.params.items()
         }
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """The inner layers' gradients by ``"<index>.<name>"``."""
+        return {
+            f"{index}.{name}": grad
+            for index, layer in enumerate(self.layers)
+            for name, grad in layer.grads.items()
+        }
+
+    @grads.setter
+    def grads(self, value: dict[str, np.ndarray]) -> None:
+        raise AttributeError(
+            "a Sequential's grads are its layers' grads; set them on "
+            "the layers (model.layers[i].grads = ...)"
+        )
+
+    # ---------------------------------------------------------- weights I/O
+    def get_weights(self) -> list[np.ndarray]:
+        """All layers' arrays, in Keras's order (copies)."""
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights: Iterable[Any]) -> None:
+        """Assign a flat list in Keras's order (``keras_model.get_weights()``).
+
+        Every array of every layer is checked before any is assigned: a
+        failed call leaves the model unchanged.
+        """
+        super().set_weights(weights)
+
+    def _check_weights(self, weights: Any) -> list[Any]:
+        items = self._weights_list(weights)
+        checked, start = [], 0
+        for index, layer in enumerate(self.layers):
+            count = len(layer.weight_names())
+            chunk = items[start : start + count]
+            try:
+                checked.append(layer._check_weights(chunk))
+            except (TypeError, ValueError) as error:
+                name = repr(layer)
+                if "\n" in name:  # a nested Sequential: its class will do
+                    name = type(layer).__name__
+                raise type(error)(
+                    f"weights for layers[{index}] ({name}): {error}"
+                ) from None
+            start += count
+        return checked
+
+    def _assign_weights(self, arrays: list[Any]) -> None:
+        for layer, chunk in zip(self.layers, arrays, strict=True):
+            layer._assign_weights(chunk)
