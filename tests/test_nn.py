@@ -701,14 +701,6 @@ def test_loss_rejects_bad_labels():
         nn.softmax_cross_entropy(np.zeros((0, 3)), np.zeros(0, np.int64))
 
 
-def test_positive_int_is_the_one_check_under_its_old_name():
-    from companion.nn.init import positive_int
-
-    assert positive_int(3, "units") == 3
-    with pytest.raises(ValueError, match=r"units=0 is out of range"):
-        positive_int(0, "units")
-
-
 # -------------------------------------------------------------- Keras parity
 @pytest.fixture(scope="module")
 def keras():

@@ -6,8 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from companion._validation import check_int
-
 __all__ = ["glorot_uniform"]
 
 
@@ -31,12 +29,3 @@ def glorot_uniform(
     limit = np.sqrt(6.0 / (fan_in + fan_out))
     rng = np.random.default_rng(seed)
     return rng.uniform(-limit, limit, size=shape).astype(dtype)
-
-
-def positive_int(value: Any, name: str) -> int:
-    """Deprecated name of ``companion._validation.check_int(..., low=1)``.
-
-    Kept until every module imports the check from
-    :mod:`companion._validation`, its one home.
-    """
-    return check_int(value, name, low=1)
