@@ -2,7 +2,9 @@
 #   make book     build the HTML book into _build/html (no network needed once installed)
 #   make test     unit/property/parity tests, every notebook by nbval (strict), book build with -W
 #   make execute  re-execute every notebook in place (stored outputs = what nbval recomputes)
-#   make lint     compile-check the package and tests
+#   make lint     ruff (lint + format check) on companion, tests and the notebooks,
+#                 mypy on companion, actionlint on .github/workflows
+#   make test-no-tf  the unit tests not marked `tf`, in a venv without TensorFlow
 #   make clean    remove build products (keeps .venv)
 
 PYTHON ?= python3
@@ -18,7 +20,7 @@ export TF_DETERMINISTIC_OPS := 1
 # No progress bars in stored notebook outputs (readers running Jupyter get them).
 export COMPANION_NO_PROGRESS := 1
 
-.PHONY: book test execute lint clean install
+.PHONY: book test execute lint clean install test-no-tf
 
 install: $(STAMP)
 
@@ -31,7 +33,7 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
@@ -39,7 +41,28 @@ execute: $(STAMP)
 	$(PY) tests/execute_notebooks.py book
 
 lint: $(STAMP)
-	$(PY) -m compileall -q companion tests
+	$(VENV)/bin/ruff check companion tests book conftest.py
+	$(VENV)/bin/ruff format --check companion tests book conftest.py
+	$(VENV)/bin/mypy
+	$(VENV)/bin/actionlint
+
+# The package and the unit tests without TensorFlow: a second venv (inside
+# .venv, so that nothing else sees it) with [data,plot] and [test]'s tools.
+NOTF       := $(VENV)/no-tf
+NOTF_PY    := $(NOTF)/bin/python
+NOTF_STAMP := $(NOTF)/.installed
+
+$(NOTF_STAMP): pyproject.toml
+	test -x $(NOTF_PY) || $(PYTHON) -m venv $(NOTF)
+	$(NOTF_PY) -m pip install --quiet --upgrade pip
+	$(NOTF_PY) -c "import tomllib" 2>/dev/null || $(NOTF_PY) -m pip install --quiet tomli
+	$(NOTF_PY) tests/extra_requirements.py test --without tf > $(NOTF)/requirements.txt
+	$(NOTF_PY) -m pip install --quiet -e ".[data,plot]" -r $(NOTF)/requirements.txt
+	touch $(NOTF_STAMP)
+
+test-no-tf: $(NOTF_STAMP)
+	! $(NOTF_PY) -c "import tensorflow" 2>/dev/null
+	$(NOTF_PY) -m pytest tests -m 'not tf' --no-cov -p no:cacheprovider
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis .coverage htmlcov
