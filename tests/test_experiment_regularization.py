@@ -1,174 +1,152 @@
-"""companion.experiments.regularization: the regularization experiment of chapter 11, its Dropout layer and helpers."""
+"""Tests of companion.experiments.regularization (chapter 11) and its
+Dropout layer.
+
+The claims' effects and verdicts are checked on synthetic runs whose
+answers are worked out by hand here; the records on the shared test-scale
+run (the ``test_scale`` fixture of tests/conftest.py, run once per
+session); behaviour that needs its own run on tiny ones.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
-from companion.experiments import _jsonable, run_experiment
 from companion.experiments import regularization as reg
-from companion.experiments.common import mnist
+from companion.experiments.common import TWIN, mnist, record, verdicts
 from companion.gradcheck import numerical_gradient, rel_error
-from companion.layers import BatchNorm
 from companion.nn import Dense, ReLU
-from companion.training import accuracy, mlp
+from companion.training import evaluate
 
-CONFIG = reg.CONFIG_TEST
-
-
-@pytest.fixture(scope="module")
-def result():
-    return run_experiment("regularization", config=CONFIG, seeds=2)
-
-
-# ----------------------------------------------------------------------------- the experiment
-def test_results_have_every_record_with_the_right_shapes(result):
-    res = result["results"]
-    assert res["eval_epochs"] == [0, 1, 2]
-    assert set(res["runs"]) == set(reg.RUNS) and set(res["runs_spec"]) == set(reg.RUNS)
-    for name, side in res["runs"].items():
-        assert set(side) == set(reg.PER_RUN), name
-        for key in reg.PER_RUN:
-            assert len(side[key]) == 2, (name, key)
-        for key in ("train_loss_curve", "train_accuracy_curve", "test_loss_curve", "test_accuracy_curve",
-                    "minibatch_loss_curve"):
-            assert all(len(curve) == 3 for curve in side[key]), (name, key)
-    spec = res["runs_spec"]
-    assert [spec[n]["batch_size"] for n in ("none", "bn_small", "bn_large")] == [60, 15, 240]
-    assert [spec[n]["learning_rate"] for n in ("none", "bn_small", "bn_large")] == pytest.approx([0.1, 0.025, 0.4])
-    assert spec["bn_dropout"] == {"batch_norm": "before", "dropout": True, "batch_size": 60, "learning_rate": 0.1}
-
-
-def test_records_are_consistent(result):
-    res = result["results"]
-    for name, side in res["runs"].items():
-        batch_norm, dropout, _ = reg.RUNS[name]
-        for k in range(2):
-            assert not side["diverged"][k]
-            assert side["final_test_accuracy"][k] == side["test_accuracy_curve"][k][-1]
-            assert side["final_train_loss"][k] == side["train_loss_curve"][k][-1]
-            assert side["loss_gap"][k] == pytest.approx(side["final_test_loss"][k] - side["final_train_loss"][k])
-            assert side["accuracy_gap"][k] == pytest.approx(
-                side["final_train_accuracy"][k] - side["final_test_accuracy"][k]
-            )
-            assert math.isnan(side["minibatch_loss_curve"][k][0])
-            assert all(v > 0 for v in side["minibatch_loss_curve"][k][1:])
-            # epoch 0: the untrained network is at chance level, about ln 10
-            assert side["train_loss_curve"][k][0] == pytest.approx(math.log(10), abs=0.2)
-            batchstat = [side[f"batchstat_{s}"][k] for s in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")]
-            if batch_norm != "none" and not dropout:
-                assert all(math.isfinite(v) for v in batchstat), name
-            else:
-                assert all(math.isnan(v) for v in batchstat), name
-    # the same seed, the same initial kernels and data: at epoch 0 the no-BN variants agree exactly
-    runs = res["runs"]
-    assert runs["none"]["train_loss_curve"][0][0] == runs["dropout"]["train_loss_curve"][0][0]
-    assert runs["none"]["test_loss_curve"][1][0] == runs["none_large"]["test_loss_curve"][1][0]
-
-
-def test_headline_is_well_formed_and_its_verdict_follows_the_rule(result):
-    res = result["results"]
-    head, runs, comp = res["headline"], res["runs"], res["comparisons"]
-    with_bn, without_bn = runs["bn"]["final_test_accuracy"], runs["none"]["final_test_accuracy"]
-    assert head["with_bn"]["values"] == with_bn and head["without_bn"]["values"] == without_bn
-    d = [b - n for b, n in zip(with_bn, without_bn)]
-    r = [1 - b / n for b, n in zip(runs["bn"]["loss_gap"], runs["none"]["loss_gap"])]
-    assert head["accuracy_difference"] == pytest.approx(d) and head["gap_reduction"] == pytest.approx(r)
-    assert head["effect"] == pytest.approx(np.mean(d))
-    assert head["verdict"] == reg.verdict(d, r, CONFIG["margin_accuracy"], CONFIG["margin_gap"])
-    assert "d >= 0.5 points and R >= 10%" in head["verdict_rule"]
-    assert "784-16-16-10" in head["metric"] and "480 MNIST digits" in head["metric"]
-    assert comp["bn_accuracy_gain"] == d
-    assert comp["dropout_accuracy_gain_with_bn"] == pytest.approx(
-        [a - b for a, b in zip(runs["bn_dropout"]["final_test_accuracy"], with_bn)]
-    )
-    json.dumps(_jsonable(result), allow_nan=False)
-
-
-def test_runs_are_deterministic(result):
-    again = run_experiment("regularization", config=CONFIG, seeds=[0, 1])
-    assert json.dumps(_jsonable(again["results"])) == json.dumps(_jsonable(result["results"]))
-
-
-@pytest.mark.parametrize(
-    ("d", "r", "expected"),
-    [
-        ([0.01, 0.006, 0.02], [0.2, 0.1, 0.5], "supported"),
-        ([0.01, 0.004, 0.02], [0.2, 0.5, 0.5], "mixed"),           # one seed's accuracy gain is below 0.5 points
-        ([0.01, 0.01, 0.01], [0.2, 0.05, 0.5], "mixed"),           # one seed's gap reduction is below 10 %
-        ([0.01, 0.01, 0.01], [-0.2, -0.5, 0.0], "not supported at this scale"),   # better test, wider gap
-        ([0.0, -0.01, 0.004], [-0.2, -0.1, -0.5], "contradicted"),
-        ([0.0, 0.01, 0.004], [-0.2, -0.1, -0.5], "not supported at this scale"),
-        ([math.nan, 0.01], [math.nan, 0.2], "mixed"),
-        ([math.nan, math.nan], [math.nan, math.nan], "not supported at this scale"),
-    ],
+NAME = "regularization"
+T_2 = 4.302652729911275
+"""Student's t quantile t(0.975, 2 degrees of freedom), from a table."""
+N_TEST = 100
+CONFIG = {**reg.CONFIG_CI, "batch_arms": True}  # margins 1 point, 10 %
+CURVES = (
+    "train_loss_curve",
+    "train_accuracy_curve",
+    "test_loss_curve",
+    "test_accuracy_curve",
+    "minibatch_loss_curve",
 )
-def test_verdict_applies_the_rule(d, r, expected):
-    assert reg.verdict(d, r, 0.005, 0.10) == expected
+BATCHSTAT = tuple(
+    f"batchstat_{split}_{what}"
+    for split in ("train", "test")
+    for what in ("loss", "accuracy")
+)
+
+
+# ------------------------------------------------------------ synthetic runs
+def fake_run(accuracy: float, loss_gap: float | None = 0.1) -> dict:
+    """A record as common.record stores it, with the field the loss-gap
+    claims read: ``accuracy`` of N_TEST test images right (the first
+    ones)."""
+    correct = np.arange(N_TEST) < round(accuracy * N_TEST)
+    history = {
+        "diverged": False,
+        "final_test_accuracy": float(correct.mean()),
+        "final_test_correct": correct,
+        "losses": [1.0],
+        "steps": [0, 1],
+        "test_accuracy": [0.1, float(correct.mean())],
+        "train_loss": [math.nan, 1.0],
+    }
+    return record(history, loss_gap=loss_gap)
+
+
+def seed_runs(accuracy: dict | None = None, gaps: dict | None = None):
+    """One seed's eight runs; unnamed runs: accuracy 0.9, gap 0.1."""
+    accuracy, gaps = accuracy or {}, gaps or {}
+    return {
+        name: fake_run(accuracy.get(name, 0.9), gaps.get(name, 0.1))
+        for name in reg.RUNS
+    }
+
+
+def effects(config=CONFIG) -> dict:
+    return {m.claim.key: m.effect for m in reg.measures(config)}
+
+
+def _judge(per_seed: list[dict], n_boot: int = 200) -> dict:
+    measures = reg.measures(CONFIG)
+    return verdicts(measures, per_seed, n_test=N_TEST, n_boot=n_boot)
+
+
+# ------------------------------------------------------------------ helpers
+def test_eval_epochs_include_zero_and_the_last_epoch():
+    assert reg.eval_epochs({"epochs": 7, "eval_every_epochs": 3}) == [
+        0,
+        3,
+        6,
+        7,
+    ]
+    assert reg.eval_epochs({"epochs": 4, "eval_every_epochs": 2}) == [
+        0,
+        2,
+        4,
+    ]
+
+
+def test_batch_size_and_learning_rate_follow_the_linear_scaling_rule():
+    config = {**reg.CONFIG_TEST, "learning_rate": 0.2}
+    assert reg.batch_size_and_learning_rate(config, "bn") == (60, 0.2)
+    batch, lr = reg.batch_size_and_learning_rate(config, "bn_large")
+    assert batch == 240 and lr == pytest.approx(0.8)
+    batch, lr = reg.batch_size_and_learning_rate(config, "none_small")
+    assert batch == 15 and lr == pytest.approx(0.05)
 
 
 def test_at_train_loss_interpolates_in_log_loss():
     losses = [2.0, 0.1, 0.01, 0.001]
     values = [0.0, 10.0, 20.0, 30.0]
     assert reg.at_train_loss(losses, values, 0.1) == 10.0
-    assert reg.at_train_loss(losses, values, math.sqrt(0.1 * 0.01)) == pytest.approx(15.0)
-    assert reg.at_train_loss(losses, values, 5.0) == 0.0
-    assert math.isnan(reg.at_train_loss(losses, values, 1e-4))
+    # halfway between 0.1 and 0.01 in log loss: halfway between 10 and 20
+    level = math.sqrt(0.1 * 0.01)
+    assert reg.at_train_loss(losses, values, level) == pytest.approx(15.0)
+    assert reg.at_train_loss(losses, values, 5.0) == 0.0  # starts there
+    assert math.isnan(reg.at_train_loss(losses, values, 1e-4))  # never
     assert math.isnan(reg.at_train_loss([2.0, math.nan], values[:2], 0.1))
 
 
-def test_eval_epochs_and_learning_rates():
-    assert reg.eval_epochs({"epochs": 7, "eval_every_epochs": 3}) == [0, 3, 6, 7]
-    config = {**CONFIG, "learning_rate": 0.2}
-    assert reg.batch_size_and_learning_rate(config, "bn_large") == (240, pytest.approx(0.8))
-
-
 def test_build_model_puts_dropout_after_every_hidden_relu():
-    model = reg.build_model({**CONFIG, "hidden": [8, 6, 4]}, "bn_dropout", seed=1)
+    config = {**reg.CONFIG_TEST, "hidden": [8, 6, 4]}
+    model = reg.build_model(config, "bn_dropout", seed=1)
     kinds = [type(layer).__name__ for layer in model]
-    assert kinds == ["Flatten"] + ["Dense", "BatchNorm", "ReLU", "Dropout"] * 3 + ["Dense"]
-    plain = reg.build_model({**CONFIG, "hidden": [8, 6, 4]}, "none", seed=1)
-    assert not any(isinstance(layer, reg.Dropout) for layer in plain)
-    assert len({layer.seed for layer in model if isinstance(layer, reg.Dropout)}) == 3
+    assert kinds == [
+        "Flatten",
+        *["Dense", "BatchNorm", "ReLU", "Dropout"] * 3,
+        "Dense",
+    ]
+    drops = [layer for layer in model if isinstance(layer, reg.Dropout)]
+    assert all(d.rate == config["dropout_rate"] for d in drops)
+    assert len({d.seed for d in drops}) == 3  # a mask stream per layer
+    for run in ("none", "bn", "bn_small", "none_large"):
+        plain = reg.build_model(config, run, seed=1)
+        assert not any(isinstance(x, reg.Dropout) for x in plain)
+    kinds = [type(x).__name__ for x in reg.build_model(config, "dropout", 1)]
+    assert "BatchNorm" not in kinds and kinds.count("Dropout") == 3
 
 
-# ----------------------------------------------------------------------------- evaluate
-def test_evaluate_in_inference_mode_matches_the_package_accuracy():
-    data = mnist()
-    model = mlp([12], batch_norm="before", seed=0)
-    model(data.x_train[:100], training=True)          # move the moving statistics away from 0 and 1
-    x, y = data.x_test[:300], data.y_test[:300]
-    loss, acc = reg.evaluate(model, x, y, chunk=128)
-    assert acc == accuracy(model, x, y)
-    logits = model(x).astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    expected = -np.mean(shifted[np.arange(300), y] - np.log(np.exp(shifted).sum(axis=1)))
-    assert loss == pytest.approx(expected, rel=1e-5)
+def test_the_runs_vary_one_thing_at_a_time():
+    assert reg.RUNS["none"] == ("none", False, "batch_size")
+    assert reg.RUNS["bn_dropout"] == ("before", True, "batch_size")
+    for size in ("small", "large"):
+        assert reg.RUNS[f"bn_{size}"][:2] == ("before", False)
+        assert reg.RUNS[f"none_{size}"][:2] == ("none", False)
+        assert reg.RUNS[f"bn_{size}"][2] == f"{size}_batch"
 
 
-def test_evaluate_with_batch_statistics_uses_each_chunk_and_restores_the_moving_statistics():
-    data = mnist()
-    model = reg.build_model({**CONFIG, "hidden": [12]}, "bn_dropout", seed=0)
-    model(data.x_train[:100], training=True)
-    bn = next(layer for layer in model if isinstance(layer, BatchNorm))
-    before = (bn.moving_mean.copy(), bn.moving_variance.copy())
-    x, y = data.x_test[:90], data.y_test[:90]
-    _, acc = reg.evaluate(model, x, y, batch_statistics=True, chunk=30)
-    np.testing.assert_array_equal(bn.moving_mean, before[0])
-    np.testing.assert_array_equal(bn.moving_variance, before[1])
-    correct = 0
-    for start in (0, 30, 60):                         # by hand: BN in training mode, dropout off
-        h = x[start : start + 30]
-        for layer in model:
-            h = layer(h, training=isinstance(layer, BatchNorm))
-        correct += int(np.sum(h.argmax(axis=1) == y[start : start + 30]))
-    assert acc == correct / 90
+def test_the_batch_size_arms_are_trained_only_with_batch_arms():
+    assert reg.run_names(CONFIG) == list(reg.RUNS)
+    without = reg.run_names({**CONFIG, "batch_arms": False})
+    assert without == ["none", "bn", "dropout", "bn_dropout"]
+    assert set(reg.BATCH_ARMS) == set(reg.RUNS) - set(without)
 
 
-# ----------------------------------------------------------------------------- Dropout
+# ----------------------------------------------------------------- Dropout
 def test_dropout_gradient_check_with_a_fixed_mask():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 5))
@@ -192,7 +170,8 @@ def test_dropout_in_a_network_gradient_check():
     drop.fixed_mask = rng.random((6, 4)) >= 0.5
 
     def forward(v):
-        return drop(relu(dense(v, training=True), training=True), training=True)
+        h = relu(dense(v, training=True), training=True)
+        return drop(h, training=True)
 
     dy = rng.normal(size=(6, 4))
     forward(x)
@@ -200,12 +179,11 @@ def test_dropout_in_a_network_gradient_check():
     assert rel_error(dx, numerical_gradient(forward, x, dy)) < 1e-8
 
 
-def test_dropout_inference_is_the_identity_and_backward_passes_dy_through():
+def test_dropout_inference_is_the_identity_and_backward_passes_dy():
     x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
     layer = reg.Dropout(0.5, seed=0)
-    y = layer(x)
-    assert y is x or np.array_equal(y, x)
-    dy = np.ones_like(x)
+    np.testing.assert_array_equal(layer(x), x)
+    dy = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
     np.testing.assert_array_equal(layer.backward(dy), dy)
     zero = reg.Dropout(0.0, seed=0)
     np.testing.assert_array_equal(zero(x, training=True), x)
@@ -217,17 +195,18 @@ def test_dropout_keeps_the_expected_fraction_and_the_mean_in_float32():
     y = layer(x, training=True)
     assert y.dtype == np.float32
     kept = y != 0
-    assert abs(kept.mean() - 0.7) < 0.005                 # 100,000 draws: std of the fraction 0.0014
+    # 100,000 draws: the kept fraction has standard deviation 0.0014
+    assert abs(kept.mean() - 0.7) < 0.005
     np.testing.assert_allclose(y[kept], 1 / 0.7, rtol=1e-6)
-    assert abs(y.mean() - 1.0) < 0.01                     # inverted dropout preserves the mean
+    assert abs(y.mean() - 1.0) < 0.01  # inverted dropout keeps the mean
     again = reg.Dropout(0.3, seed=5)(x, training=True)
-    np.testing.assert_array_equal(y, again)               # seeded
-    assert not np.array_equal(y, layer(x, training=True))  # a fresh mask at every call
+    np.testing.assert_array_equal(y, again)  # seeded
+    assert not np.array_equal(y, layer(x, training=True))  # fresh masks
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, True, "0.5", None])
 def test_dropout_rejects_bad_rates(rate):
-    with pytest.raises(ValueError, match="rate must be a float in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match=r"rate must be a float in \[0, 1\)"):
         reg.Dropout(rate)
 
 
@@ -237,3 +216,221 @@ def test_dropout_rejects_a_fixed_mask_of_the_wrong_shape():
     with pytest.raises(ValueError, match="fixed_mask has shape"):
         layer(np.ones((3, 2)), training=True)
     assert repr(layer) == "Dropout(rate=0.5)"
+
+
+# ---------------------------------------------------------- claim effects
+def test_accuracy_effects_in_points():
+    eff = effects()
+    acc = {"none": 0.93, "bn": 0.95, "dropout": 0.96}
+    assert eff["test_accuracy"](acc) == pytest.approx(2.0)
+    assert eff["replaces_dropout"](acc) == pytest.approx(-1.0)
+
+
+def test_loss_gap_reduction_is_the_share_of_the_gap_bn_removes():
+    eff = effects()["loss_gap"]
+    runs = seed_runs(gaps={"none": 0.4, "bn": 0.1})
+    assert eff(runs) == pytest.approx(75.0)  # 100 (1 - 0.1 / 0.4)
+    runs = seed_runs(gaps={"none": 0.2, "bn": 0.3})
+    assert eff(runs) == pytest.approx(-50.0)  # BN widens the gap
+    runs = seed_runs(gaps={"none": 0.2, "bn": -0.1})
+    assert eff(runs) == pytest.approx(150.0)  # BN reverses it
+
+
+def test_batch_noise_compares_the_reductions_at_small_and_large_batch():
+    eff = effects()["batch_noise"]
+    gaps = {
+        "none_small": 0.5,
+        "bn_small": 0.1,  # removes 80 %
+        "none_large": 0.4,
+        "bn_large": 0.3,  # removes 25 %
+    }
+    assert eff(seed_runs(gaps=gaps)) == pytest.approx(55.0)
+
+
+def test_claims_roles_units_and_margins():
+    got = {
+        m.claim.key: (m.claim.role, m.claim.unit, m.claim.margin, m.kind)
+        for m in reg.measures(CONFIG)
+    }
+    points, share = CONFIG["margin_points"], CONFIG["margin_gap_percent"]
+    assert got == {
+        "test_accuracy": ("claim", "points", points, "accuracy"),
+        "loss_gap": ("claim", "%", share, "records"),
+        "replaces_dropout": ("claim", "points", points, "accuracy"),
+        "batch_noise": ("control", "%", share, "records"),
+    }
+    # the control needs the runs at other batch sizes
+    without = reg.measures({**CONFIG, "batch_arms": False})
+    assert [m.claim.key for m in without] == [
+        "test_accuracy",
+        "loss_gap",
+        "replaces_dropout",
+    ]
+
+
+# ------------------------------------------------------ verdicts, by hand
+def test_verdicts_of_three_outcomes():
+    # loss gap: BN removes 75, 60, 70 % on three seeds: mean 205/3,
+    # s^2 = 175/3; low = 68.3 - T_2 sqrt(175/9) = 49.4 > 10: supported.
+    # batch noise: the reduction at batch 15 is 50 % smaller than at 240
+    # on every seed: contradicted.  Test accuracy: the same images right
+    # with and without BN: 0, inconclusive.
+    seeds = [
+        seed_runs(
+            accuracy={"bn": 0.9, "none": 0.9},
+            gaps={
+                "none": 0.4,
+                "bn": 0.4 * (1 - share / 100),
+                "none_small": 0.4,
+                "bn_small": 0.3,  # 25 %
+                "none_large": 0.4,
+                "bn_large": 0.1,  # 75 %
+            },
+        )
+        for share in (75, 60, 70)
+    ]
+    v = _judge(seeds)
+    gap = v["loss_gap"]
+    assert gap["effects"] == pytest.approx([75.0, 60.0, 70.0])
+    assert gap["low"] == pytest.approx(205 / 3 - T_2 * math.sqrt(175 / 9))
+    assert gap["se_sampling"] == 0.0  # a records claim: seeds only
+    assert gap["outcome"] == "supported"
+    assert v["batch_noise"]["effects"] == pytest.approx([-50.0] * 3)
+    assert v["batch_noise"]["outcome"] == "contradicted"
+    accuracy = v["test_accuracy"]
+    assert (accuracy["effect"], accuracy["low"], accuracy["high"]) == (
+        0.0,
+        0.0,
+        0.0,
+    )
+    assert accuracy["outcome"] == "inconclusive"
+
+
+def test_accuracy_verdict_includes_test_set_sampling():
+    """BN gets every image right, dropout 20 of 100, on every seed: the
+    seeds agree (s = 0), so the interval is the bootstrap's alone:
+    Var(100 (1 - acc_dropout)) = 100^2 p (1 - p) / n = 16 points^2."""
+    seeds = [seed_runs(accuracy={"bn": 1.0, "dropout": 0.2})] * 3
+    v = _judge(seeds, n_boot=1000)["replaces_dropout"]
+    assert v["effects"] == pytest.approx([80.0] * 3)
+    assert v["se_seeds"] == 0.0
+    se = math.sqrt(16 / 3)
+    assert v["se_sampling"] == pytest.approx(se, rel=0.1)
+    assert v["low"] == pytest.approx(80 - T_2 * v["se_sampling"])
+    assert v["outcome"] == "supported"
+
+
+# ------------------------------------------ the shared test-scale result
+def test_runs_spec_and_twins_of_the_test_scale_result(test_scale):
+    result = test_scale(NAME)
+    config, res = result["config"], result["results"]
+    assert res["eval_epochs"] == reg.eval_epochs(config) == [0, 1, 2]
+    assert config["batch_arms"]  # the test scale trains every run
+    expected = set(reg.RUNS) | {name + TWIN for name in reg.TWINNED}
+    for per_seed in res["runs"]:
+        assert set(per_seed) == expected
+    spec = res["runs_spec"]
+    assert set(spec) == set(reg.RUNS)
+    sizes = [spec[n]["batch_size"] for n in ("none", "bn_small", "bn_large")]
+    assert sizes == [60, 15, 240]
+    rates = [
+        spec[n]["learning_rate"] for n in ("none", "bn_small", "bn_large")
+    ]
+    assert rates == pytest.approx([0.1, 0.025, 0.4])
+    assert spec["bn_dropout"] == {
+        "batch_norm": "before",
+        "dropout": True,
+        "batch_size": 60,
+        "learning_rate": 0.1,
+    }
+    assert set(res["verdicts"]) == {
+        "test_accuracy",
+        "loss_gap",
+        "replaces_dropout",
+        "batch_noise",
+    }
+
+
+def test_records_curves_finals_and_loss_gap(test_scale):
+    result = test_scale(NAME)
+    config, res = result["config"], result["results"]
+    n_eval = len(res["eval_epochs"])
+    for per_seed in res["runs"]:
+        for name, run in per_seed.items():
+            assert not run["diverged"], name
+            for key in CURVES:
+                assert len(run[key]) == n_eval, (name, key)
+            for key in ("train_loss", "train_accuracy", "test_loss"):
+                assert run[f"final_{key}"] == run[f"{key}_curve"][-1]
+            # the training loop's last evaluation is the curve's last
+            assert run["final_test_accuracy"] == run["test_accuracy_curve"][-1]
+            assert run["loss_gap"] == pytest.approx(
+                run["final_test_loss"] - run["final_train_loss"], abs=1e-12
+            )
+            batch = res["runs_spec"][name.removesuffix(TWIN)]["batch_size"]
+            steps = config["epochs"] * (config["n_train"] // batch)
+            assert run["steps_run"] == steps, name
+            assert run["eval_steps"] == [0, steps]
+            mini = run["minibatch_loss_curve"]
+            assert mini[0] is None and all(v > 0 for v in mini[1:])
+            level = config["matched_train_loss"]
+            reached = any(v <= level for v in run["train_loss_curve"])
+            assert (run["matched_epoch"] is not None) == reached
+
+
+def test_batch_statistics_only_for_batch_norm_runs_without_dropout(
+    test_scale,
+):
+    res = test_scale(NAME)["results"]
+    for per_seed in res["runs"]:
+        for name, run in per_seed.items():
+            spec = res["runs_spec"][name.removesuffix(TWIN)]
+            expected = spec["batch_norm"] != "none" and not spec["dropout"]
+            for key in BATCHSTAT:
+                assert (run[key] is not None) == expected, (name, key)
+        assert {
+            n for n, r in per_seed.items() if r["batchstat_test_loss"]
+        } == {"bn", "bn~ulp", "bn_small", "bn_large"}
+
+
+def test_epoch_zero_is_the_untrained_network(test_scale):
+    """Before any step, every run without BN is the same network (the
+    same kernels; dropout is off in inference mode), and so is every run
+    with BN: the same epoch-0 losses, those of a freshly built model."""
+    result = test_scale(NAME)
+    config, res = result["config"], result["results"]
+    n = config["n_train"]
+    for seed, per_seed in zip(result["seeds"], res["runs"], strict=True):
+        data = mnist(seed)
+        for group in (
+            ("none", "dropout", "none_small", "none_large"),
+            ("bn", "bn_dropout", "bn_small", "bn_large"),
+        ):
+            first = {per_seed[g]["train_loss_curve"][0] for g in group}
+            assert len(first) == 1, group
+            model = reg.build_model(config, group[0], seed)
+            fresh = evaluate(model, data.x_train[:n], data.y_train[:n])
+            assert first.pop() == pytest.approx(fresh.loss, rel=1e-5)
+
+
+def test_stored_loss_gap_effects_agree_with_the_records(test_scale):
+    res = test_scale(NAME)["results"]
+    by_hand = [
+        100 * (1 - runs["bn"]["loss_gap"] / runs["none"]["loss_gap"])
+        for runs in res["runs"]
+    ]
+    assert res["verdicts"]["loss_gap"]["effects"] == pytest.approx(by_hand)
+
+
+# ------------------------------------------------- behaviour, tiny runs
+def test_a_diverged_run_pads_its_curves_and_has_no_gap():
+    config = {**reg.CONFIG_TEST, "learning_rate": 1e4}
+    for name in ("none", "bn"):
+        run = reg.train_one(config, name, 0)
+        assert run["diverged"] and run["final_test_accuracy"] is None
+        assert run["test_correct"] is None
+        for key in CURVES:
+            assert len(run[key]) == 3 and run[key][-1] is None, key
+        assert run["train_loss_curve"][0] is not None  # epoch 0 was fine
+        assert run["loss_gap"] is None and run["final_test_loss"] is None
+        assert all(run[key] is None for key in BATCHSTAT)
