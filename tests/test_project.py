@@ -351,6 +351,7 @@ def installed_closure(names):
     return seen
 
 
+@pytest.mark.tf  # reads the installed [test] environment, TensorFlow's too
 def test_the_test_extra_provides_every_import_of_the_suite():
     """`pip install ".[test]"` alone runs the tests and the notebooks."""
     paths = [
