@@ -226,25 +226,29 @@ def test_accuracy_effects_in_points():
     assert eff["replaces_dropout"](acc) == pytest.approx(-1.0)
 
 
-def test_loss_gap_reduction_is_the_share_of_the_gap_bn_removes():
+def test_loss_gap_effect_is_the_gap_bn_removes_in_nats():
     eff = effects()["loss_gap"]
     runs = seed_runs(gaps={"none": 0.4, "bn": 0.1})
-    assert eff(runs) == pytest.approx(75.0)  # 100 (1 - 0.1 / 0.4)
+    assert eff(runs) == pytest.approx(0.3)  # 0.4 - 0.1
     runs = seed_runs(gaps={"none": 0.2, "bn": 0.3})
-    assert eff(runs) == pytest.approx(-50.0)  # BN widens the gap
+    assert eff(runs) == pytest.approx(-0.1)  # BN widens the gap
     runs = seed_runs(gaps={"none": 0.2, "bn": -0.1})
-    assert eff(runs) == pytest.approx(150.0)  # BN reverses it
+    assert eff(runs) == pytest.approx(0.3)  # BN reverses it
+    # A diverged run scores chance on both sets: its gap counts as 0.
+    runs = seed_runs(gaps={"none": 0.2})
+    runs["bn"] = {**runs["bn"], "diverged": True, "loss_gap": None}
+    assert eff(runs) == pytest.approx(0.2)
 
 
 def test_batch_noise_compares_the_reductions_at_small_and_large_batch():
     eff = effects()["batch_noise"]
     gaps = {
         "none_small": 0.5,
-        "bn_small": 0.1,  # removes 80 %
+        "bn_small": 0.1,  # removes 0.4 nats
         "none_large": 0.4,
-        "bn_large": 0.3,  # removes 25 %
+        "bn_large": 0.3,  # removes 0.1 nats
     }
-    assert eff(seed_runs(gaps=gaps)) == pytest.approx(55.0)
+    assert eff(seed_runs(gaps=gaps)) == pytest.approx(0.3)
 
 
 def test_claims_roles_units_and_margins():
@@ -252,12 +256,12 @@ def test_claims_roles_units_and_margins():
         m.claim.key: (m.claim.role, m.claim.unit, m.claim.margin, m.kind)
         for m in reg.measures(CONFIG)
     }
-    points, share = CONFIG["margin_points"], CONFIG["margin_gap_percent"]
+    points, nats = CONFIG["margin_points"], CONFIG["margin_gap_nats"]
     assert got == {
         "test_accuracy": ("claim", "points", points, "accuracy"),
-        "loss_gap": ("claim", "%", share, "records"),
+        "loss_gap": ("claim", "nats", nats, "records"),
         "replaces_dropout": ("claim", "points", points, "accuracy"),
-        "batch_noise": ("control", "%", share, "records"),
+        "batch_noise": ("control", "nats", nats, "records"),
     }
     # the control needs the runs at other batch sizes
     without = reg.measures({**CONFIG, "batch_arms": False})
@@ -270,32 +274,35 @@ def test_claims_roles_units_and_margins():
 
 # ------------------------------------------------------ verdicts, by hand
 def test_verdicts_of_three_outcomes():
-    # loss gap: BN removes 75, 60, 70 % on three seeds: mean 205/3,
-    # s^2 = 175/3; low = 68.3 - T_2 sqrt(175/9) = 49.4 > 10: supported.
-    # batch noise: the reduction at batch 15 is 50 % smaller than at 240
-    # on every seed: contradicted.  Test accuracy: the same images right
-    # with and without BN: 0, inconclusive.
+    # loss gap: BN removes 0.30, 0.24, 0.28 nats on three seeds: mean
+    # 0.82/3, s^2 = 0.0028/3 * ... ; by hand below; low >> 0.02: supported.
+    # batch noise: the gap removed at batch 15 is 0.2 nats smaller than at
+    # 240 on every seed: contradicted.  Test accuracy: the same images
+    # right with and without BN: 0, inconclusive.
+    removed = (0.30, 0.24, 0.28)
     seeds = [
         seed_runs(
             accuracy={"bn": 0.9, "none": 0.9},
             gaps={
                 "none": 0.4,
-                "bn": 0.4 * (1 - share / 100),
+                "bn": 0.4 - r,
                 "none_small": 0.4,
-                "bn_small": 0.3,  # 25 %
+                "bn_small": 0.3,  # removes 0.1
                 "none_large": 0.4,
-                "bn_large": 0.1,  # 75 %
+                "bn_large": 0.1,  # removes 0.3
             },
         )
-        for share in (75, 60, 70)
+        for r in removed
     ]
     v = _judge(seeds)
     gap = v["loss_gap"]
-    assert gap["effects"] == pytest.approx([75.0, 60.0, 70.0])
-    assert gap["low"] == pytest.approx(205 / 3 - T_2 * math.sqrt(175 / 9))
+    mean = sum(removed) / 3
+    var = sum((r - mean) ** 2 for r in removed) / 2
+    assert gap["effects"] == pytest.approx(list(removed))
+    assert gap["low"] == pytest.approx(mean - T_2 * math.sqrt(var / 3))
     assert gap["se_sampling"] == 0.0  # a records claim: seeds only
     assert gap["outcome"] == "supported"
-    assert v["batch_noise"]["effects"] == pytest.approx([-50.0] * 3)
+    assert v["batch_noise"]["effects"] == pytest.approx([-0.2] * 3)
     assert v["batch_noise"]["outcome"] == "contradicted"
     accuracy = v["test_accuracy"]
     assert (accuracy["effect"], accuracy["low"], accuracy["high"]) == (
@@ -416,7 +423,7 @@ def test_epoch_zero_is_the_untrained_network(test_scale):
 def test_stored_loss_gap_effects_agree_with_the_records(test_scale):
     res = test_scale(NAME)["results"]
     by_hand = [
-        100 * (1 - runs["bn"]["loss_gap"] / runs["none"]["loss_gap"])
+        runs["none"]["loss_gap"] - runs["bn"]["loss_gap"]
         for runs in res["runs"]
     ]
     assert res["verdicts"]["loss_gap"]["effects"] == pytest.approx(by_hand)

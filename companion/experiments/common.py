@@ -115,8 +115,8 @@ def record(history: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     ``test_correct`` (per test image, packed by
     :func:`companion.stats.pack_correct`; None if diverged),
     ``steps_run``, the curves ``eval_steps``, ``test_accuracy`` and
-    ``train_loss`` (evaluations the run did not reach are None), and any
-    ``extra`` fields.
+    ``train_loss`` (up to the last evaluation the run reached: a diverged
+    run's curves are shorter), and any ``extra`` fields.
     """
     diverged = bool(history["diverged"])
     return {

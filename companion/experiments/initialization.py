@@ -172,7 +172,8 @@ def train_one(
     """Build, initialize at ``scale`` and train one network; return its record.
 
     The record adds ``initial_loss`` (the first mini-batch's loss; None
-    when even that was not finite) and ``hidden_change`` /
+    when the run diverged on its first step, i.e. that loss was not finite
+    or above :data:`companion.training.DIVERGENCE_LOSS`) and ``hidden_change`` /
     ``output_change``: :math:`\\lVert W_T - W_0 \\rVert / \\lVert W_0
     \\rVert`, the mean over the hidden kernels and the output kernel's
     (None if the run diverged).

@@ -220,13 +220,15 @@ def best_rate(accuracies: Mapping[str, float], variant: str, n: int) -> int:
 
 
 def steps_to(run: Mapping[str, Any], threshold: float, never: float) -> float:
-    """First evaluation step with test accuracy >= ``threshold``.
+    """First evaluation step with test accuracy >= ``threshold`` (at least 1).
 
     ``never`` when the run never gets there (or diverged first): a run
     that misses the threshold counts as reaching it just after the budget.
+    A run already there at step 0 counts as step 1, so that ratios of
+    steps stay finite.
     """
     pairs = zip(run["eval_steps"], run["test_accuracy"], strict=False)
-    return next((float(s) for s, a in pairs if a >= threshold), never)
+    return next((max(float(s), 1.0) for s, a in pairs if a >= threshold), never)
 
 
 def measures(config: Mapping[str, Any]) -> list[Measure]:

@@ -374,9 +374,15 @@ def train_one(
         with np.errstate(over="ignore", invalid="ignore"):
             end = hidden_statistics(model, data.x_test, activation)
     extra: dict[str, Any] = {
-        "steps_to_threshold": steps_to_threshold(
-            history["steps"], history["test_accuracy"], config["threshold"]
-        ),
+        "steps_to_threshold": _none_for_nan(
+            [
+                steps_to_threshold(
+                    history["steps"],
+                    history["test_accuracy"],
+                    config["threshold"],
+                )
+            ]
+        )[0],
     }
     for key, values in start.items():
         extra[f"{key}_start"] = _none_for_nan(values)
