@@ -224,3 +224,42 @@ def test_keras_moving_variance_is_the_biased_batch_variance(keras):
     ours = companion.BatchNorm(momentum=0.0)
     ours(x, training=True)
     np.testing.assert_allclose(ours.moving_variance, [1.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+def test_inference_gradients_match_gradient_tape(
+    tf, keras, shape, axis, dtype
+):
+    """A frozen layer (training=False): Keras differentiates the affine map
+    of the moving statistics, as batchnorm_inference_backward does."""
+    x, gamma, beta, dy = data(shape, axis, dtype, seed=5)
+    channels = shape[axis]
+    rng = np.random.default_rng(6)
+    mean = rng.normal(size=channels).astype(dtype)
+    var = rng.uniform(0.5, 3.0, size=channels).astype(dtype)
+    layer = keras_bn(
+        keras, shape, dtype, axis, weights=[gamma, beta, mean, var]
+    )
+    x_tf = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x_tf)
+        loss = tf.reduce_sum(layer(x_tf, training=False) * dy)
+    expected = tape.gradient(loss, [x_tf, layer.gamma, layer.beta])
+
+    ours = companion.BatchNorm(axis=axis)
+    ours.set_weights([gamma, beta, mean, var])
+    ours(x)
+    dx = ours.backward(dy)
+    functional = companion.batchnorm_inference_backward(
+        dy, x, gamma, mean, var, axis=axis
+    )
+    scale = {np.float32: 1e-5, np.float64: 1e-10}[dtype]
+    grads = (dx, ours.grads["gamma"], ours.grads["beta"])
+    for mine, same, theirs in zip(grads, functional, expected, strict=True):
+        theirs = np.asarray(theirs)
+        assert mine.dtype == dtype
+        np.testing.assert_array_equal(mine, same)
+        np.testing.assert_allclose(
+            mine, theirs, rtol=scale, atol=scale * np.abs(theirs).max()
+        )
