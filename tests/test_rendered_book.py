@@ -1,0 +1,520 @@
+"""The built book, page by page, in a real browser (headless Chromium).
+
+`make test` builds the book into ``_build/html`` first, then runs this
+module. Every HTML page found there (chapters added later included) is
+served over HTTP on 127.0.0.1 and opened in one Chromium, 1280 px wide, then
+390 px wide (a phone). A page fails when it shows any of:
+
+- a JavaScript error (console error or uncaught exception), a failed
+  request, or any request leaving 127.0.0.1 (the book works offline);
+- raw TeX in its text (``$$``, ``\\frac``, ``\\(`` ... outside code), a
+  formula MathJax did not render or rendered as an error;
+- a markdown table shown as text (``| --- |``) instead of a ``<table>``;
+- an image that did not load;
+- a code block (source or output) wider than its box at 1280 px;
+- page content wider than a 390 px phone screen (code blocks, display
+  equations and tables scroll inside their own box instead);
+- an exercise solution that does not open when clicked;
+- a heading with a hand-typed number under the book's own numbering.
+
+The offline search must find "momentum". On failure a full-page screenshot
+is saved under ``_build/screenshots/`` and named in the message.
+
+Playwright drives Debian's ``chromium`` (or Google Chrome) from PATH;
+playwright's own browser download needs the internet. Without a browser the
+tests skip with one line, unless ``REQUIRE_BROWSER_TESTS=1`` (set by
+``.ci/run``), where a missing browser or book is an error.
+``BOOK_HTML=dir`` checks a book built elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK_HTML = Path(os.environ.get("BOOK_HTML", ROOT / "_build" / "html"))
+SCREENSHOTS = BOOK_HTML.parent / "screenshots"
+REQUIRED = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
+
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Debian's package, Ubuntu's, Google Chrome (GitHub's runners have it),
+# and Chrome on macOS.
+BROWSER_NAMES = (
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "google-chrome-stable",
+)
+MACOS_CHROME = Path(
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"
+)
+
+# TeX that MathJax should have turned into a formula. Searched in the
+# page's text with code, scripts and rendered formulas removed.
+RAW_TEX = re.compile(
+    r"\$\$"  # display math left as text
+    r"|\\[()\[\]]"  # \( \) \[ \] delimiters of a formula not rendered
+    r"|\\[A-Za-z]{2,}"  # \frac, \begin, \sigma, ... outside code
+    r"|\$[^\s$][^$\n]{0,200}[^\s$\d]\$"  # $x^2$ left as text
+)
+# A markdown table's delimiter row shown as text ("| --- |", or "| — |"
+# after smart dashes turned the hyphens into an em dash).
+RAW_TABLE = re.compile(r"\|\s*:?(?:-{3,}|[—–]+)[-—–]*:?\s*\|")
+# "4.1. 1. Inference ...": a number typed by hand under the automatic one.
+HAND_NUMBER = re.compile(r"^(\d+(\.\d+)*\.?|[a-z]\.)\s")
+
+
+def _find_browser() -> str | None:
+    override = os.environ.get("BROWSER_EXECUTABLE")
+    if override:
+        return override
+    for name in BROWSER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return str(MACOS_CHROME) if MACOS_CHROME.exists() else None
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (REQUIRE_BROWSER_TESTS=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _is_redirect(path: Path) -> bool:
+    head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+    return 'http-equiv="Refresh"' in head or "http-equiv='Refresh'" in head
+
+
+def discover_pages(html: Path = BOOK_HTML) -> tuple[list[str], list[str]]:
+    """The book's pages and its redirect stubs, as paths relative to html.
+
+    Everything in folders starting with ``_`` (``_static``, ``_sources``,
+    ``_images``) is an asset, not a page.
+    """
+    pages, redirects = [], []
+    if not html.is_dir():
+        return pages, redirects
+    for path in sorted(html.rglob("*.html")):
+        relative = path.relative_to(html)
+        if any(part.startswith("_") for part in relative.parts[:-1]):
+            continue
+        target = redirects if _is_redirect(path) else pages
+        target.append(relative.as_posix())
+    return pages, redirects
+
+
+PAGES, REDIRECTS = discover_pages()
+NOT_BUILT = (
+    f"the book is not built ({BOOK_HTML} has no pages): "
+    "run `make book` first (`make test` does)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[str]:
+    """``python -m http.server`` on a free port, serving the built book."""
+    if not PAGES:
+        _unavailable(NOT_BUILT)
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            str(port),
+            "--directory",
+            str(BOOK_HTML),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(base + PAGES[0], timeout=2):
+                    break
+            except OSError as error:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    message = f"http.server did not start on {base}"
+                    raise RuntimeError(message) from error
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    executable = _find_browser()
+    if executable is None:
+        _unavailable(
+            "no Chromium on PATH (apt-get install chromium): "
+            "browser tests of the built book skipped"
+        )
+    if not PAGES:
+        _unavailable(NOT_BUILT)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, args=BROWSER_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def context(browser: Any) -> Iterator[Any]:
+    """One browser context (cache shared between pages), no service worker."""
+    ctx = browser.new_context(viewport=DESKTOP, service_workers="block")
+    ctx.set_default_timeout(30_000)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+class PageWatch:
+    """Collects a page's console errors, exceptions and failed requests."""
+
+    def __init__(self, page: Any, base: str) -> None:
+        self.errors: list[str] = []
+        self.failed: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.errors.append(f"exception: {e}"))
+        page.on("requestfailed", self._request_failed)
+        page.on("response", self._response)
+        page.on("request", lambda r: self._request(r, base))
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text}")
+
+    def _request_failed(self, request: Any) -> None:
+        self.failed.append(f"{request.url} ({request.failure})")
+
+    def _response(self, response: Any) -> None:
+        if response.status >= 400:
+            self.failed.append(f"{response.url} (HTTP {response.status})")
+
+    def _request(self, request: Any, base: str) -> None:
+        url = request.url
+        if not url.startswith((base, "data:", "blob:", "about:")):
+            self.failed.append(f"{url} (leaves the machine)")
+
+
+# One round trip per phase. Images and MathJax are awaited first.
+SETTLE_JS = """
+async () => {
+  const images = [...document.images];
+  for (const img of images) img.loading = "eager";
+  await Promise.all(images.map((img) => img.complete ? null :
+    new Promise((done) => {
+      img.addEventListener("load", done, {once: true});
+      img.addEventListener("error", done, {once: true});
+    })));
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await MathJax.startup.promise;
+  }
+}
+"""
+
+DESKTOP_JS = r"""
+() => {
+  const article = document.querySelector("article") || document.body;
+  const report = {};
+  const images = [...document.images];
+  report.images = images.length;
+  report.brokenImages = images
+    .filter((img) => !(img.complete && img.naturalWidth > 0))
+    .map((img) => img.getAttribute("src"));
+  const math = [...article.querySelectorAll(".math")];
+  report.math = math.length;
+  report.unrendered = math
+    .filter((el) => !el.querySelector("mjx-container"))
+    .map((el) => el.textContent.trim().slice(0, 80));
+  report.mathErrors = [...article.querySelectorAll("mjx-merror")]
+    .map((el) => el.getAttribute("data-mjx-error") || el.textContent);
+  report.tables = article.querySelectorAll("table").length;
+  const clone = article.cloneNode(true);
+  clone.querySelectorAll(
+    "pre, code, script, style, textarea, mjx-container, .highlight"
+  ).forEach((el) => el.remove());
+  report.text = clone.textContent;
+  report.headings = [...article.querySelectorAll("h1, h2, h3, h4")]
+    .map((h) => {
+      const c = h.cloneNode(true);
+      c.querySelectorAll(".section-number, .headerlink")
+        .forEach((el) => el.remove());
+      return c.textContent.trim();
+    });
+  return report;
+}
+"""
+
+# Exercise solutions: closed behind a toggle until clicked.
+SOLUTIONS_JS = """
+() => [...document.querySelectorAll(".solution.dropdown")].map((s) => ({
+  id: s.id,
+  closed: s.classList.contains("toggle-hidden"),
+}))
+"""
+
+# Clicks the title of each given solution; returns those still closed.
+OPEN_SOLUTIONS_JS = """
+(ids) => ids.filter((id) => {
+  const solution = document.getElementById(id);
+  solution.querySelector(".admonition-title").click();
+  const body = solution.querySelector("section");
+  return solution.classList.contains("toggle-hidden")
+    || !body || body.getClientRects().length === 0;
+})
+"""
+
+# Code boxes: every <pre>, hidden ones (hide-input) opened first.
+OVERFLOW_JS = """
+() => {
+  document.querySelectorAll("details").forEach((d) => { d.open = true; });
+  const boxes = [...document.querySelectorAll("article pre")]
+    .filter((pre) => pre.getClientRects().length > 0);
+  return {
+    total: boxes.length,
+    wide: boxes
+      .filter((pre) => pre.scrollWidth > pre.clientWidth)
+      .map((pre) => {
+        const kind = pre.closest(".cell_output, .output") ? "output" : "code";
+        const line = pre.textContent.split("\\n")
+          .reduce((a, b) => (b.length > a.length ? b : a), "");
+        return `${kind} box ${pre.clientWidth}px, content ` +
+          `${pre.scrollWidth}px: ${line.trim().slice(0, 60)}`;
+      }),
+  };
+}
+"""
+
+# At phone width: how wide is the page, and which elements stick out (the
+# outermost ones, not counting what scrolls or is clipped inside its box).
+PHONE_JS = """
+() => {
+  const width = window.innerWidth;
+  const page = Math.max(
+    document.documentElement.scrollWidth, document.body.scrollWidth);
+  const culprits = [];
+  const walk = (parent) => {
+    for (const el of parent.children) {
+      if (culprits.length >= 5) return;
+      if (el.getBoundingClientRect().right > width + 1) {
+        culprits.push(`<${el.tagName.toLowerCase()} class="${el.className}">`
+          + ` ${el.textContent.trim().slice(0, 50)}`);
+      } else if (getComputedStyle(el).overflowX === "visible") {
+        walk(el);
+      }
+    }
+  };
+  if (page > width) walk(document.body);
+  return {width, page, culprits};
+}
+"""
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".html"))
+
+
+def _screenshot(page: Any, name: str, suffix: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{_slug(name)}-{suffix}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _snippets(pattern: re.Pattern[str], text: str, limit: int = 3) -> list:
+    found = []
+    for match in pattern.finditer(text):
+        start = max(match.start() - 30, 0)
+        found.append(" ".join(text[start : match.end() + 30].split()))
+        if len(found) == limit:
+            break
+    return found
+
+
+def _record(name: str, figures: dict[str, Any]) -> None:
+    """Append the page's figures to $BOOK_BROWSER_REPORT (JSON lines)."""
+    target = os.environ.get("BOOK_BROWSER_REPORT")
+    if target:
+        with open(target, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps({"page": name, **figures}) + "\n")
+
+
+def check_page(context: Any, base: str, name: str) -> list[str]:
+    """Every problem the page shows a reader, as lines of text."""
+    page = context.new_page()
+    watch = PageWatch(page, base)
+    problems: list[str] = []
+    try:
+        page.set_viewport_size(DESKTOP)
+        page.goto(base + name, wait_until="load")
+        page.evaluate(SETTLE_JS)
+        desk = page.evaluate(DESKTOP_JS)
+        text = desk.pop("text")
+        for src in desk["brokenImages"]:
+            problems.append(f"image did not load: {src}")
+        for tex in desk["unrendered"]:
+            problems.append(f"formula not rendered by MathJax: {tex}")
+        for error in desk["mathErrors"]:
+            problems.append(f"MathJax error: {error}")
+        for snippet in _snippets(RAW_TEX, text):
+            problems.append(f"raw TeX in the text: ...{snippet}...")
+        for snippet in _snippets(RAW_TABLE, text):
+            problems.append(f"markdown table shown as text: ...{snippet}...")
+        for heading in desk["headings"]:
+            if HAND_NUMBER.match(heading):
+                problems.append(f"hand-numbered heading: {heading!r}")
+
+        solutions = page.evaluate(SOLUTIONS_JS)
+        closed = [sol["id"] for sol in solutions if sol["closed"]]
+        if len(closed) < len(solutions):
+            problems.append(
+                f"{len(solutions) - len(closed)} of {len(solutions)} "
+                "solutions are open before the reader asks"
+            )
+        if closed:
+            # The first one as a reader does (a real click, hit-tested);
+            # the others by a click event, which is faster.
+            solution = page.locator(f'[id="{closed[0]}"]')
+            solution.locator(".admonition-title").first.click()
+            solution.locator("section").first.wait_for(state="visible")
+            still = page.evaluate(OPEN_SOLUTIONS_JS, closed[1:]) + [
+                ident
+                for ident in closed[:1]
+                if "toggle-hidden" in (solution.get_attribute("class") or "")
+            ]
+            for ident in still:
+                problems.append(f"solution {ident} does not open on click")
+
+        boxes = page.evaluate(OVERFLOW_JS)
+        for wide in boxes["wide"]:
+            problems.append(
+                f"code block wider than its box at 1280 px: {wide}"
+            )
+        if problems:
+            shot = _screenshot(page, name, "1280")
+            problems.append(f"screenshot at 1280 px: {shot}")
+
+        page.set_viewport_size(PHONE)
+        page.evaluate("() => new Promise(requestAnimationFrame)")
+        phone = page.evaluate(PHONE_JS)
+        if phone["page"] > phone["width"]:
+            shot = _screenshot(page, name, "390")
+            problems.append(
+                f"page {phone['page']} px wide on a {phone['width']} px "
+                f"phone; sticking out: {phone['culprits']}; "
+                f"screenshot at 390 px: {shot}"
+            )
+    finally:
+        page.close()
+    problems[:0] = [f"JavaScript error: {e}" for e in watch.errors]
+    problems[:0] = [f"failed request: {f}" for f in watch.failed]
+    _record(
+        name,
+        {
+            "js_errors": len(watch.errors),
+            "failed_requests": len(watch.failed),
+            "code_boxes": boxes["total"],
+            "overflowing": len(boxes["wide"]),
+            "tables": desk["tables"],
+            "raw_tables": len(RAW_TABLE.findall(text)),
+            "math": desk["math"],
+            "unrendered_math": len(desk["unrendered"]),
+            "raw_tex": len(RAW_TEX.findall(text)),
+            "images": desk["images"],
+            "broken_images": len(desk["brokenImages"]),
+            "solutions": len(solutions),
+            "solutions_closed": len(closed),
+            "phone_width": phone["page"],
+            "hand_numbered": sum(
+                bool(HAND_NUMBER.match(h)) for h in desk["headings"]
+            ),
+        },
+    )
+    return problems
+
+
+@pytest.mark.parametrize("name", PAGES or [NOT_BUILT])
+def test_page_reads_well_in_a_browser(
+    name: str, context: Any, server: str
+) -> None:
+    problems = check_page(context, server, name)
+    if problems:
+        pytest.fail(f"{name}:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def test_offline_search_finds_momentum(context: Any, server: str) -> None:
+    page = context.new_page()
+    watch = PageWatch(page, server)
+    try:
+        page.goto(server + "search.html?q=momentum", wait_until="load")
+        results = page.locator("#search-results ul.search li")
+        try:
+            results.first.wait_for(state="attached", timeout=20_000)
+        except Exception:
+            shot = _screenshot(page, "search", "1280")
+            pytest.fail(f"no search results for 'momentum'; see {shot}")
+        links = results.locator("a").evaluate_all(
+            "(links) => links.map((a) => a.getAttribute('href'))"
+        )
+    finally:
+        page.close()
+    assert not watch.errors, watch.errors
+    assert any(link.startswith("book/") for link in links), links
+
+
+@pytest.mark.parametrize("name", REDIRECTS or ["index.html"])
+def test_redirect_pages_land_on_a_page_of_the_book(
+    name: str, context: Any, server: str
+) -> None:
+    if not REDIRECTS:
+        pytest.fail(f"no redirect page (index.html) in {BOOK_HTML}")
+    page = context.new_page()
+    try:
+        page.goto(server + name)
+        page.wait_for_url(re.compile(r".*/book/.*\.html$"), timeout=10_000)
+        assert page.locator("article h1").count() == 1
+    finally:
+        page.close()
