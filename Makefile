@@ -1,6 +1,9 @@
 # Batch Normalization, Executable — every target creates .venv by itself.
 #   make book     build the HTML book into _build/html (no network needed once installed)
-#   make test     unit/property/parity tests, every notebook by nbval (strict), book build with -W
+#   make test     lint, the book build with -W, then unit/property/parity tests, every
+#                 notebook by nbval (strict) and the built pages in Chromium (one pytest run)
+#   make lab      JupyterLab in the project environment, opened on book/
+#   make browser-test  build the book and check its pages in Chromium only
 #   make execute  re-execute every notebook in place (stored outputs = what nbval recomputes)
 #   make lint     ruff (lint + format check) on companion, tests and the notebooks,
 #                 mypy on companion, actionlint on .github/workflows
@@ -20,7 +23,7 @@ export TF_DETERMINISTIC_OPS := 1
 # No progress bars in stored notebook outputs (readers running Jupyter get them).
 export COMPANION_NO_PROGRESS := 1
 
-.PHONY: book test execute lint clean install test-no-tf
+.PHONY: book test execute lint clean install test-no-tf lab browser-test
 
 install: $(STAMP)
 
@@ -33,9 +36,19 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
+# The book is built first: tests/test_rendered_book.py and test_launch.py
+# read _build/html (REQUIRE_BOOK_BUILD=1: a missing build fails, not skips).
 test: $(STAMP) lint
-	$(PY) -m pytest
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest
+
+browser-test: book
+	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest tests/test_rendered_book.py --no-cov -p no:cacheprovider
+
+# Kernels start in the notebook's folder with this Makefile's environment
+# (no progress bars, so a saved notebook stays what nbval compares).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab book/
 
 execute: $(STAMP)
 	$(PY) tests/execute_notebooks.py book
