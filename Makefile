@@ -8,6 +8,8 @@
 #   make lint     ruff (lint + format check) on companion, tests and the notebooks,
 #                 mypy on companion, actionlint on .github/workflows
 #   make test-no-tf  the unit tests not marked `tf`, in a venv without TensorFlow
+#   make robustness  every Part III experiment at CI scale with seeds the book never
+#                 uses: every verdict must come out as its chapter states
 #   make clean    remove build products (keeps .venv)
 
 PYTHON ?= python3
@@ -23,7 +25,7 @@ export TF_DETERMINISTIC_OPS := 1
 # No progress bars in stored notebook outputs (readers running Jupyter get them).
 export COMPANION_NO_PROGRESS := 1
 
-.PHONY: book test execute lint clean install test-no-tf lab browser-test
+.PHONY: book test execute lint clean install test-no-tf lab browser-test robustness
 
 install: $(STAMP)
 
@@ -52,6 +54,11 @@ lab: $(STAMP)
 
 execute: $(STAMP)
 	$(PY) tests/execute_notebooks.py book
+
+# `make test` runs these tests too (they are part of tests/); this target
+# runs them alone, on both cores.
+robustness: $(STAMP)
+	$(PY) -m pytest tests/test_robustness.py -m robustness -n 2 --no-cov -p no:cacheprovider
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check companion tests book conftest.py

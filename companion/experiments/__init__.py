@@ -10,8 +10,11 @@ Every experiment is a module of this package with
   margins fixed before any run) and how a seed's runs give each effect
   (:class:`~companion.experiments.common.Measure`);
 * ``EXPECTED_CI`` -- the verdict the book states for each claim at CI
-  scale: the chapter asserts it for seeds 0-4 and ``make robustness``
-  for seeds the book never uses;
+  scale: the chapter asserts it for its seeds (:func:`book_seeds`) and
+  ``make robustness`` for as many seeds the book never uses
+  (:func:`robustness_seeds`);
+* ``CI_SEEDS`` (optional, default 5) -- how many seeds the chapter's CI
+  run needs for stable verdicts (the module says why when it is more);
 * ``run(config, seeds) -> dict`` -- plain, JSON-serializable results with
   ``runs`` (per seed, ``{run name: record}``) and ``verdicts``.
 
@@ -39,8 +42,10 @@ __all__ = [
     "BOOK_SEEDS",
     "ROBUSTNESS_SEEDS",
     "available",
+    "book_seeds",
     "load_results",
     "outcomes",
+    "robustness_seeds",
     "run_experiment",
     "save_results",
 ]
@@ -48,10 +53,10 @@ __all__ = [
 _NOT_EXPERIMENTS = {"__main__", "common", "report"}
 
 BOOK_SEEDS = list(range(5))
-"""The seeds every chapter and every full-scale file uses."""
+"""The seeds of every full-scale file, and of the CI runs by default."""
 ROBUSTNESS_SEEDS = list(range(1000, 1005))
 """Seeds the book never uses: ``make robustness`` checks the verdicts
-with them."""
+with them (more of them for an experiment with more CI seeds)."""
 
 
 def available() -> dict[str, str]:
@@ -66,6 +71,17 @@ def available() -> dict[str, str]:
 
 def _module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def book_seeds(name: str) -> list[int]:
+    """The seeds of experiment ``name``'s CI run in its chapter: 0, 1, ..."""
+    return list(range(getattr(_module(name), "CI_SEEDS", len(BOOK_SEEDS))))
+
+
+def robustness_seeds(name: str) -> list[int]:
+    """As many seeds as :func:`book_seeds`, from 1000 on: never in the book."""
+    count = len(book_seeds(name))
+    return list(range(ROBUSTNESS_SEEDS[0], ROBUSTNESS_SEEDS[0] + count))
 
 
 def run_experiment(
