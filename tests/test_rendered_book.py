@@ -23,7 +23,8 @@ is saved under ``_build/screenshots/`` and named in the message.
 Playwright drives Debian's ``chromium`` (or Google Chrome) from PATH;
 playwright's own browser download needs the internet. Without a browser the
 tests skip with one line, unless ``REQUIRE_BROWSER_TESTS=1`` (set by
-``.ci/run``), where a missing browser or book is an error.
+``.ci/run``, which installs Chromium). Without a built book they skip too,
+unless ``REQUIRE_BOOK_BUILD=1`` (set by ``make test``, which builds it).
 ``BOOK_HTML=dir`` checks a book built elsewhere.
 """
 
@@ -47,7 +48,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_HTML = Path(os.environ.get("BOOK_HTML", ROOT / "_build" / "html"))
 SCREENSHOTS = BOOK_HTML.parent / "screenshots"
-REQUIRED = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
+BROWSER_REQUIRED = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
+BUILD_REQUIRED = (
+    BROWSER_REQUIRED or os.environ.get("REQUIRE_BOOK_BUILD") == "1"
+)
 
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -97,9 +101,9 @@ def _find_browser() -> str | None:
     return str(MACOS_CHROME) if MACOS_CHROME.exists() else None
 
 
-def _unavailable(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (REQUIRE_BROWSER_TESTS=1)", pytrace=False)
+def _unavailable(reason: str, required: bool) -> None:
+    if required:
+        pytest.fail(f"{reason} (required here)", pytrace=False)
     pytest.skip(reason)
 
 
@@ -143,7 +147,7 @@ def _free_port() -> int:
 def server() -> Iterator[str]:
     """``python -m http.server`` on a free port, serving the built book."""
     if not PAGES:
-        _unavailable(NOT_BUILT)
+        _unavailable(NOT_BUILT, BUILD_REQUIRED)
     port = _free_port()
     process = subprocess.Popen(
         [
@@ -183,10 +187,11 @@ def browser() -> Iterator[Any]:
     if executable is None:
         _unavailable(
             "no Chromium on PATH (apt-get install chromium): "
-            "browser tests of the built book skipped"
+            "browser tests of the built book skipped",
+            BROWSER_REQUIRED,
         )
     if not PAGES:
-        _unavailable(NOT_BUILT)
+        _unavailable(NOT_BUILT, BUILD_REQUIRED)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
