@@ -11,8 +11,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+try:
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+except ImportError as error:  # pragma: no cover - tests/test_wheel.py
+    raise ImportError(
+        "companion.plotting needs matplotlib: "
+        'pip install "batchnorm-companion[plot]"'
+    ) from error
 
 __all__ = ["COLORS", "use_book_style"]
 
