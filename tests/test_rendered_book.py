@@ -10,7 +10,8 @@ served over HTTP on 127.0.0.1 and opened in one Chromium, 1280 px wide, then
 - raw TeX in its text (``$$``, ``\\frac``, ``\\(`` ... outside code), a
   formula MathJax did not render or rendered as an error;
 - a markdown table shown as text (``| --- |``) instead of a ``<table>``;
-- an image that did not load;
+- an image that did not load, or drawn with another aspect ratio than its
+  pixels (a 2x figure's inline size on a narrow screen);
 - a code block (source or output) wider than its box at 1280 px;
 - page content wider than a 390 px phone screen (code blocks, display
   equations and tables scroll inside their own box instead);
@@ -260,8 +261,28 @@ async () => {
 }
 """
 
-DESKTOP_JS = r"""
+# Images drawn with another aspect ratio than their pixels (more than 2 %).
+DISTORTED_JS = """
+const distorted = () => [...document.images]
+  .filter((img) => img.naturalWidth > 0 && img.getClientRects().length > 0)
+  .filter((img) => {
+    const box = img.getBoundingClientRect();
+    const drawn = box.width / box.height;
+    const natural = img.naturalWidth / img.naturalHeight;
+    return box.height > 0 && Math.abs(drawn / natural - 1) > 0.02;
+  })
+  .map((img) => `${img.getAttribute("src")} drawn `
+    + `${Math.round(img.getBoundingClientRect().width)}x`
+    + `${Math.round(img.getBoundingClientRect().height)}, pixels `
+    + `${img.naturalWidth}x${img.naturalHeight}`);
+"""
+
+DESKTOP_JS = (
+    r"""
 () => {
+"""
+    + DISTORTED_JS
+    + r"""
   const article = document.querySelector("article") || document.body;
   const report = {};
   const images = [...document.images];
@@ -269,6 +290,7 @@ DESKTOP_JS = r"""
   report.brokenImages = images
     .filter((img) => !(img.complete && img.naturalWidth > 0))
     .map((img) => img.getAttribute("src"));
+  report.distorted = distorted();
   const math = [...article.querySelectorAll(".math")];
   report.math = math.length;
   report.unrendered = math
@@ -292,6 +314,7 @@ DESKTOP_JS = r"""
   return report;
 }
 """
+)
 
 # Exercise solutions: closed behind a toggle until clicked.
 SOLUTIONS_JS = """
@@ -335,8 +358,12 @@ OVERFLOW_JS = """
 
 # At phone width: how wide is the page, and which elements stick out (the
 # outermost ones, not counting what scrolls or is clipped inside its box).
-PHONE_JS = """
+PHONE_JS = (
+    """
 () => {
+"""
+    + DISTORTED_JS
+    + """
   const width = window.innerWidth;
   const page = Math.max(
     document.documentElement.scrollWidth, document.body.scrollWidth);
@@ -353,9 +380,10 @@ PHONE_JS = """
     }
   };
   if (page > width) walk(document.body);
-  return {width, page, culprits};
+  return {width, page, culprits, distorted: distorted()};
 }
 """
+)
 
 
 def _slug(name: str) -> str:
@@ -400,6 +428,8 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
         text = desk.pop("text")
         for src in desk["brokenImages"]:
             problems.append(f"image did not load: {src}")
+        for image in desk["distorted"]:
+            problems.append(f"image distorted at 1280 px: {image}")
         for tex in desk["unrendered"]:
             problems.append(f"formula not rendered by MathJax: {tex}")
         for error in desk["mathErrors"]:
@@ -445,13 +475,16 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
         page.set_viewport_size(PHONE)
         page.evaluate("() => new Promise(requestAnimationFrame)")
         phone = page.evaluate(PHONE_JS)
+        for image in phone["distorted"]:
+            problems.append(f"image distorted at 390 px: {image}")
         if phone["page"] > phone["width"]:
-            shot = _screenshot(page, name, "390")
             problems.append(
                 f"page {phone['page']} px wide on a {phone['width']} px "
-                f"phone; sticking out: {phone['culprits']}; "
-                f"screenshot at 390 px: {shot}"
+                f"phone; sticking out: {phone['culprits']}"
             )
+        if phone["page"] > phone["width"] or phone["distorted"]:
+            shot = _screenshot(page, name, "390")
+            problems.append(f"screenshot at 390 px: {shot}")
     finally:
         page.close()
     problems[:0] = [f"JavaScript error: {e}" for e in watch.errors]
@@ -470,6 +503,7 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
             "raw_tex": len(RAW_TEX.findall(text)),
             "images": desk["images"],
             "broken_images": len(desk["brokenImages"]),
+            "distorted_images": len(desk["distorted"] + phone["distorted"]),
             "solutions": len(solutions),
             "solutions_closed": len(closed),
             "phone_width": phone["page"],
