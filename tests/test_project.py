@@ -118,6 +118,27 @@ def test_tf_env_without_tensorflow_names_the_extra(monkeypatch):
         import_tensorflow()
 
 
+def test_legacy_keras_needs_tf_keras_and_must_come_first(monkeypatch):
+    import importlib.util
+
+    from companion import tf_env
+
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow", object())  # imported
+    with pytest.raises(
+        RuntimeError, match=r"legacy_keras=True must be requested before"
+    ):
+        tf_env.import_tensorflow(legacy_keras=True)
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        ImportError,
+        match=r"legacy_keras=True needs the tf-keras package .*pip install "
+        r"\"batchnorm-companion\[tf\]\"",
+    ):
+        tf_env.import_tensorflow(legacy_keras=True)
+
+
 def test_plotting_style_is_colour_blind_safe():
     import matplotlib.pyplot as plt
 
