@@ -693,6 +693,15 @@ BAD_STATES = {
         setting("config", np.array("axis=-1")),
         r"has an invalid config: Expecting value",
     ),
+    "config_not_a_string": (
+        setting("config", np.array([1, 2])),
+        r"has an invalid config: expected a single string; received an "
+        r"array of dtype int64 and shape \(2,\)",
+    ),
+    "config_not_an_object": (
+        setting("config", np.array("[-1, 0.99]")),
+        r"has an invalid config: expected a JSON object; received \[-1, ",
+    ),
     "config_missing_a_setting": (
         lambda state: state.update(
             config=np.array(json.dumps({"axis": -1, "dtype": "float32"}))

@@ -353,6 +353,7 @@ def test_sgd_slots_round_trip_and_continue_the_same_trajectory():
         opt.step(net)
 
     first, opt = model(), nn.SGD(0.05, momentum=0.9)
+    assert repr(opt) == "SGD(learning_rate=0.05, momentum=0.9)"
     assert [s.shape for s in opt.get_slots(first)] == []  # not built yet
     first.build((None, 5))
     assert all(not s.any() for s in opt.get_slots(first))  # zeros
