@@ -31,6 +31,8 @@ unless ``REQUIRE_BOOK_BUILD=1`` (set by ``make test``, which builds it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -136,6 +138,15 @@ NOT_BUILT = (
     f"the book is not built ({BOOK_HTML} has no pages): "
     "run `make book` first (`make test` does)"
 )
+NO_BROWSER = (
+    "no Chromium on PATH (apt-get install chromium): "
+    "browser tests of the built book skipped"
+)
+# One line in pytest's summary when a test cannot run here, not one per page.
+if _find_browser() is None and not BROWSER_REQUIRED:
+    pytest.skip(NO_BROWSER, allow_module_level=True)
+if not PAGES and not BUILD_REQUIRED:
+    pytest.skip(NOT_BUILT, allow_module_level=True)
 
 
 def _free_port() -> int:
@@ -144,11 +155,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[str]:
-    """``python -m http.server`` on a free port, serving the built book."""
-    if not PAGES:
-        _unavailable(NOT_BUILT, BUILD_REQUIRED)
+@contextlib.contextmanager
+def _serve(directory: Path) -> Iterator[str]:
+    """``python -m http.server`` on a free port; yields its base URL."""
     port = _free_port()
     process = subprocess.Popen(
         [
@@ -159,7 +168,7 @@ def server() -> Iterator[str]:
             "127.0.0.1",
             str(port),
             "--directory",
-            str(BOOK_HTML),
+            str(directory),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -169,7 +178,7 @@ def server() -> Iterator[str]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(base + PAGES[0], timeout=2):
+                with urllib.request.urlopen(base, timeout=2):
                     break
             except OSError as error:
                 if time.monotonic() > deadline or process.poll() is not None:
@@ -180,40 +189,6 @@ def server() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    executable = _find_browser()
-    if executable is None:
-        _unavailable(
-            "no Chromium on PATH (apt-get install chromium): "
-            "browser tests of the built book skipped",
-            BROWSER_REQUIRED,
-        )
-    if not PAGES:
-        _unavailable(NOT_BUILT, BUILD_REQUIRED)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=executable, args=BROWSER_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture(scope="session")
-def context(browser: Any) -> Iterator[Any]:
-    """One browser context (cache shared between pages), no service worker."""
-    ctx = browser.new_context(viewport=DESKTOP, service_workers="block")
-    ctx.set_default_timeout(30_000)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 class PageWatch:
@@ -390,10 +365,10 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".html"))
 
 
-def _screenshot(page: Any, name: str, suffix: str) -> Path:
+async def _screenshot(page: Any, name: str, suffix: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{_slug(name)}-{suffix}.png"
-    page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=True)
     return path
 
 
@@ -415,16 +390,16 @@ def _record(name: str, figures: dict[str, Any]) -> None:
             stream.write(json.dumps({"page": name, **figures}) + "\n")
 
 
-def check_page(context: Any, base: str, name: str) -> list[str]:
+async def check_page(context: Any, base: str, name: str) -> list[str]:
     """Every problem the page shows a reader, as lines of text."""
-    page = context.new_page()
+    page = await context.new_page()
     watch = PageWatch(page, base)
     problems: list[str] = []
     try:
-        page.set_viewport_size(DESKTOP)
-        page.goto(base + name, wait_until="load")
-        page.evaluate(SETTLE_JS)
-        desk = page.evaluate(DESKTOP_JS)
+        await page.set_viewport_size(DESKTOP)
+        await page.goto(base + name, wait_until="load")
+        await page.evaluate(SETTLE_JS)
+        desk = await page.evaluate(DESKTOP_JS)
         text = desk.pop("text")
         for src in desk["brokenImages"]:
             problems.append(f"image did not load: {src}")
@@ -442,7 +417,7 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
             if HAND_NUMBER.match(heading):
                 problems.append(f"hand-numbered heading: {heading!r}")
 
-        solutions = page.evaluate(SOLUTIONS_JS)
+        solutions = await page.evaluate(SOLUTIONS_JS)
         closed = [sol["id"] for sol in solutions if sol["closed"]]
         if len(closed) < len(solutions):
             problems.append(
@@ -453,28 +428,27 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
             # The first one as a reader does (a real click, hit-tested);
             # the others by a click event, which is faster.
             solution = page.locator(f'[id="{closed[0]}"]')
-            solution.locator(".admonition-title").first.click()
-            solution.locator("section").first.wait_for(state="visible")
-            still = page.evaluate(OPEN_SOLUTIONS_JS, closed[1:]) + [
-                ident
-                for ident in closed[:1]
-                if "toggle-hidden" in (solution.get_attribute("class") or "")
-            ]
+            await solution.locator(".admonition-title").first.click()
+            await solution.locator("section").first.wait_for(state="visible")
+            still = await page.evaluate(OPEN_SOLUTIONS_JS, closed[1:])
+            first_class = await solution.get_attribute("class") or ""
+            if "toggle-hidden" in first_class:
+                still.insert(0, closed[0])
             for ident in still:
                 problems.append(f"solution {ident} does not open on click")
 
-        boxes = page.evaluate(OVERFLOW_JS)
+        boxes = await page.evaluate(OVERFLOW_JS)
         for wide in boxes["wide"]:
             problems.append(
                 f"code block wider than its box at 1280 px: {wide}"
             )
         if problems:
-            shot = _screenshot(page, name, "1280")
+            shot = await _screenshot(page, name, "1280")
             problems.append(f"screenshot at 1280 px: {shot}")
 
-        page.set_viewport_size(PHONE)
-        page.evaluate("() => new Promise(requestAnimationFrame)")
-        phone = page.evaluate(PHONE_JS)
+        await page.set_viewport_size(PHONE)
+        await page.evaluate("() => new Promise(requestAnimationFrame)")
+        phone = await page.evaluate(PHONE_JS)
         for image in phone["distorted"]:
             problems.append(f"image distorted at 390 px: {image}")
         if phone["page"] > phone["width"]:
@@ -483,10 +457,10 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
                 f"phone; sticking out: {phone['culprits']}"
             )
         if phone["page"] > phone["width"] or phone["distorted"]:
-            shot = _screenshot(page, name, "390")
+            shot = await _screenshot(page, name, "390")
             problems.append(f"screenshot at 390 px: {shot}")
     finally:
-        page.close()
+        await page.close()
     problems[:0] = [f"JavaScript error: {e}" for e in watch.errors]
     problems[:0] = [f"failed request: {f}" for f in watch.failed]
     _record(
@@ -515,45 +489,134 @@ def check_page(context: Any, base: str, name: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", PAGES or [NOT_BUILT])
-def test_page_reads_well_in_a_browser(
-    name: str, context: Any, server: str
-) -> None:
-    problems = check_page(context, server, name)
-    if problems:
-        pytest.fail(f"{name}:\n  " + "\n  ".join(problems), pytrace=False)
-
-
-def test_offline_search_finds_momentum(context: Any, server: str) -> None:
-    page = context.new_page()
-    watch = PageWatch(page, server)
+async def check_search(context: Any, base: str) -> list[str]:
+    """The offline search (search.html?q=momentum) lists chapters."""
+    page = await context.new_page()
+    watch = PageWatch(page, base)
+    problems: list[str] = []
     try:
-        page.goto(server + "search.html?q=momentum", wait_until="load")
+        await page.goto(base + "search.html?q=momentum", wait_until="load")
         results = page.locator("#search-results ul.search li")
         try:
-            results.first.wait_for(state="attached", timeout=20_000)
-        except Exception:
-            shot = _screenshot(page, "search", "1280")
-            pytest.fail(f"no search results for 'momentum'; see {shot}")
-        links = results.locator("a").evaluate_all(
-            "(links) => links.map((a) => a.getAttribute('href'))"
-        )
+            await results.first.wait_for(state="attached", timeout=20_000)
+            links = await results.locator("a").evaluate_all(
+                "(links) => links.map((a) => a.getAttribute('href'))"
+            )
+            if not any(link.startswith("book/") for link in links):
+                problems.append(f"no chapter among the results: {links}")
+        except Exception as error:
+            shot = await _screenshot(page, "search", "1280")
+            problems.append(f"no results for 'momentum' ({error}); {shot}")
     finally:
-        page.close()
-    assert not watch.errors, watch.errors
-    assert any(link.startswith("book/") for link in links), links
+        await page.close()
+    return [f"JavaScript error: {e}" for e in watch.errors] + problems
+
+
+async def check_redirect(context: Any, base: str, name: str) -> list[str]:
+    """A redirect stub (index.html) lands on a page of the book."""
+    page = await context.new_page()
+    try:
+        await page.goto(base + name)
+        await page.wait_for_url(re.compile(r".*/book/.*\.html$"))
+        if await page.locator("article h1").count() != 1:
+            return [f"{name} lands on {page.url}, which has no title"]
+        return []
+    except Exception as error:
+        return [f"{name} does not land on a page of the book: {error}"]
+    finally:
+        await page.close()
+
+
+TABS = int(os.environ.get("BROWSER_TABS", min(4, (os.cpu_count() or 1) + 1)))
+"""Pages checked at once, each in its own tab (renderer process)."""
+
+
+async def _check_all(executable: str, base: str, jobs: list[str]) -> dict:
+    """Run the jobs ("page:NAME", "search", "redirect:NAME") in TABS tabs."""
+    from playwright.async_api import async_playwright
+
+    results: dict[str, list[str]] = {}
+    pending = list(jobs)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=executable, args=BROWSER_ARGS
+        )
+        context = await browser.new_context(
+            viewport=DESKTOP, service_workers="block"
+        )
+        context.set_default_timeout(60_000)
+
+        async def tab() -> None:
+            while pending:
+                job = pending.pop(0)
+                kind, _, name = job.partition(":")
+                try:
+                    if kind == "page":
+                        results[job] = await check_page(context, base, name)
+                    elif kind == "search":
+                        results[job] = await check_search(context, base)
+                    else:
+                        results[job] = await check_redirect(
+                            context, base, name
+                        )
+                except Exception as error:  # a crash is this job's failure
+                    results[job] = [f"the check itself failed: {error!r}"]
+
+        try:
+            await asyncio.gather(*(tab() for _ in range(TABS)))
+        finally:
+            await browser.close()
+    return results
+
+
+def _job(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("name") if callspec else None
+    if item.originalname == "test_page_reads_well_in_a_browser":
+        return f"page:{name}"
+    if item.originalname == "test_offline_search_finds_momentum":
+        return "search"
+    if item.originalname == "test_redirect_pages_land_on_a_page_of_the_book":
+        return f"redirect:{name}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def checked(request: pytest.FixtureRequest) -> dict[str, list[str]]:
+    """Every selected page's problems, all checked in one browser at once."""
+    executable = _find_browser()
+    if executable is None:
+        _unavailable(NO_BROWSER, BROWSER_REQUIRED)
+    if not PAGES:
+        _unavailable(NOT_BUILT, BUILD_REQUIRED)
+    jobs = [
+        job
+        for item in request.session.items
+        if item.module is sys.modules[__name__] and (job := _job(item))
+    ]
+    with _serve(BOOK_HTML) as base:
+        return asyncio.run(_check_all(str(executable), base, jobs))
+
+
+def _verdict(checked: dict[str, list[str]], job: str) -> None:
+    problems = checked[job]
+    if problems:
+        pytest.fail(f"{job}:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.mark.parametrize("name", PAGES or [NOT_BUILT])
+def test_page_reads_well_in_a_browser(name: str, checked: dict) -> None:
+    _verdict(checked, f"page:{name}")
+
+
+def test_offline_search_finds_momentum(checked: dict) -> None:
+    _verdict(checked, "search")
 
 
 @pytest.mark.parametrize("name", REDIRECTS or ["index.html"])
 def test_redirect_pages_land_on_a_page_of_the_book(
-    name: str, context: Any, server: str
+    name: str, checked: dict
 ) -> None:
     if not REDIRECTS:
         pytest.fail(f"no redirect page (index.html) in {BOOK_HTML}")
-    page = context.new_page()
-    try:
-        page.goto(server + name)
-        page.wait_for_url(re.compile(r".*/book/.*\.html$"), timeout=10_000)
-        assert page.locator("article h1").count() == 1
-    finally:
-        page.close()
+    _verdict(checked, f"redirect:{name}")
