@@ -5,14 +5,16 @@ floating dtype, under Keras's names and layouts, so that
 ``layer.set_weights(keras_layer.get_weights())`` copies a Keras layer one to
 one.  ``__call__(x, training=False)`` runs the forward pass and keeps what
 the backward pass needs; ``backward(dy)`` returns ``dx`` and fills
-``grads`` with one entry per trainable array in ``params``.  Chapter 5
-builds networks from these layers.
+``grads`` with one entry per trainable array in ``params``
+(``backward(dy, input_gradient=False)`` fills ``grads`` only: a network's
+first layer has no use for ``dx``).  Chapter 5 builds networks from these
+layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -66,6 +68,13 @@ class Layer:
         self, dy: np.ndarray, cache: Any
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         raise NotImplementedError
+
+    def _parameter_gradients(
+        self, dy: np.ndarray, cache: Any
+    ) -> dict[str, np.ndarray]:
+        """The parameters' gradients alone (``backward(dy,
+        input_gradient=False)``); layers that can skip ``dx`` override it."""
+        return self._backward(dy, cache)[1]
 
     # ------------------------------------------------------------ machinery
     @property
@@ -128,10 +137,24 @@ class Layer:
         self._last_training = training
         return y
 
-    def backward(self, dy: Any) -> np.ndarray:
+    @overload
+    def backward(
+        self, dy: Any, *, input_gradient: Literal[True] = ...
+    ) -> np.ndarray: ...
+
+    @overload
+    def backward(
+        self, dy: Any, *, input_gradient: bool
+    ) -> np.ndarray | None: ...
+
+    def backward(
+        self, dy: Any, *, input_gradient: bool = True
+    ) -> np.ndarray | None:
         """Backpropagate ``dy`` through the last call; fill ``grads``.
 
-        Returns ``dx``, the gradient with respect to the last input.
+        Returns ``dx``, the gradient with respect to the last input; with
+        ``input_gradient=False`` it fills ``grads`` only and returns None
+        (the first layer of a network, whose input is the data).
         """
         if self._cache is None:
             state = (
@@ -150,6 +173,9 @@ class Layer:
                 f"dy must have the shape of the last output {expected}; "
                 f"received shape {dy.shape}"
             )
+        if not check_bool(input_gradient, "input_gradient"):
+            self._grads = self._parameter_gradients(dy, self._cache)
+            return None
         dx, grads = self._backward(dy, self._cache)
         self._grads = grads
         return dx

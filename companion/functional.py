@@ -223,10 +223,29 @@ def batchnorm_forward(
         x, {"gamma": gamma, "beta": beta}, axis, epsilon, check_finite
     )
     check_training_count(x, kept, axis)
+    return _training_forward(
+        x, params["gamma"], params["beta"], kept, reduce_axes, shape, eps
+    )
+
+
+def _training_forward(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    kept: int,
+    reduce_axes: tuple[int, ...],
+    shape: tuple[int, ...],
+    eps: float,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """The arithmetic of :func:`batchnorm_forward`, on checked arguments.
+
+    ``BatchNorm`` calls it directly: a layer has checked its input and
+    owns its parameters, so it skips the checks, not the math.
+    """
     dtype = compute_dtype(x.dtype)
     xc_in = x.astype(dtype, copy=False)
-    gamma_b = params["gamma"].astype(dtype).reshape(shape)
-    beta_b = params["beta"].astype(dtype).reshape(shape)
+    gamma_b = gamma.astype(dtype).reshape(shape)
+    beta_b = beta.astype(dtype).reshape(shape)
 
     mean = _channel_mean(xc_in, reduce_axes)
     x_centered = xc_in - mean
@@ -246,8 +265,8 @@ def batchnorm_forward(
         axis=kept,
         reduce_axes=reduce_axes,
         x_dtype=x.dtype,
-        gamma_dtype=params["gamma"].dtype,
-        beta_dtype=params["beta"].dtype,
+        gamma_dtype=gamma.dtype,
+        beta_dtype=beta.dtype,
     )
     return y.astype(x.dtype, copy=False), cache
 
@@ -332,7 +351,14 @@ def batchnorm_backward(
     >>> bool(np.abs(dx).max() < 1e-12), dbeta
     (True, array([3., 3.]))
     """
-    dy = _check_backward_args(dy, cache)
+    return _training_backward(_check_backward_args(dy, cache), cache)
+
+
+def _training_backward(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arithmetic of :func:`batchnorm_backward` (``dy`` checked and in
+    the cache's dtype); ``BatchNorm`` calls it directly."""
     dbeta = _channel_sum(dy, cache.reduce_axes)
     dgamma = _channel_sum(dy * cache.x_hat, cache.reduce_axes)
     m = cache.count

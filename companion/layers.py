@@ -43,8 +43,8 @@ from companion._validation import (
 from companion.base import Layer, leaf_layers
 from companion.functional import (
     BatchNormCache,
-    batchnorm_backward,
-    batchnorm_forward,
+    _training_backward,
+    _training_forward,
     batchnorm_inference,
     batchnorm_inference_backward,
 )
@@ -254,13 +254,22 @@ class BatchNorm(Layer):
         if not training:
             y = batchnorm_inference(x, gamma, beta, mean, variance, **settings)
             return y, _InferenceCache(x, gamma, mean, variance)
-        y, cache = batchnorm_forward(x, gamma, beta, **settings)
+        # batchnorm_forward's arithmetic: __call__ has checked x
+        # (_check_input) and gamma, beta are the layer's own arrays.
+        kept = self.axis % x.ndim
+        reduce_axes = tuple(i for i in range(x.ndim) if i != kept)
+        shape = tuple(x.shape[i] if i == kept else 1 for i in range(x.ndim))
+        y, cache = _training_forward(
+            x, gamma, beta, kept, reduce_axes, shape, self.epsilon
+        )
         keep = self.momentum
         mean[...] = mean * keep + cache.mean * (1.0 - keep)
         variance[...] = variance * keep + cache.var * (1.0 - keep)
         return y, cache
 
-    def backward(self, dy: Any) -> np.ndarray:
+    def backward(  # type: ignore[override]
+        self, dy: Any, *, input_gradient: bool = True
+    ) -> np.ndarray | None:
         r"""Backpropagate through the last call; fill ``grads``; return dx.
 
         After a training-mode call: through the batch statistics
@@ -278,7 +287,7 @@ class BatchNorm(Layer):
             Before any call, after ``set_weights``/``load``, or when ``dy``
             does not have the shape of the last output.
         """
-        return super().backward(dy)
+        return super().backward(dy, input_gradient=input_gradient)
 
     def _cache_output_shape(self) -> tuple[int, ...]:
         cache = self._cache
@@ -300,8 +309,9 @@ class BatchNorm(Layer):
                 epsilon=self.epsilon,
                 check_finite=False,
             )
-        else:
-            dx, dgamma, dbeta = batchnorm_backward(dy, cache)
+        else:  # batchnorm_backward's arithmetic; backward() checked dy
+            dy = dy.astype(cache.x_hat.dtype, copy=False)
+            dx, dgamma, dbeta = _training_backward(dy, cache)
         grads = {"gamma": dgamma, "beta": dbeta}
         return dx, {name: grads[name] for name in self.trainable_names()}
 

@@ -92,8 +92,11 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     ``OPENBLAS_CORETYPE``, ``TF_ENABLE_ONEDNN_OPTS``) and ``date`` (UTC,
     ISO 8601).
     """
-    kernel_env = ("ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
-    kernel_env += ("TF_ENABLE_ONEDNN_OPTS",)
+    kernel_env = (
+        "ONEDNN_MAX_CPU_ISA",
+        "OPENBLAS_CORETYPE",
+        "TF_ENABLE_ONEDNN_OPTS",
+    )
     return {
         "command": command
         or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -265,7 +265,7 @@ def train(
             if not math.isfinite(loss) or loss > DIVERGENCE_LOSS:
                 diverged = True
                 break
-            model.backward(dlogits)
+            model.backward(dlogits, input_gradient=False)
             optimizer.step(model)
         history["losses"].append(loss)
         if on_step is not None:

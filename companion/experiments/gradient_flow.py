@@ -43,7 +43,6 @@ from companion.experiments.common import (
     record,
     verdicts,
 )
-from companion.layers import BatchNorm
 from companion.nn import Dense, Sequential
 from companion.seeding import KERNELS, rng
 from companion.stats import Claim

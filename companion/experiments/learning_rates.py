@@ -228,7 +228,9 @@ def steps_to(run: Mapping[str, Any], threshold: float, never: float) -> float:
     steps stay finite.
     """
     pairs = zip(run["eval_steps"], run["test_accuracy"], strict=False)
-    return next((max(float(s), 1.0) for s, a in pairs if a >= threshold), never)
+    return next(
+        (max(float(s), 1.0) for s, a in pairs if a >= threshold), never
+    )
 
 
 def measures(config: Mapping[str, Any]) -> list[Measure]:

@@ -32,7 +32,6 @@ nonlinearities and the paper's MNIST experiment", runs it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 

@@ -39,7 +39,7 @@ class ReLU(Layer):
     ) -> tuple[np.ndarray, _ActivationCache]:
         # np.maximum propagates NaN (np.where(x > 0, x, 0) would give 0).
         y = np.maximum(x, x.dtype.type(0)).astype(x.dtype, copy=False)
-        positive = (x > 0).astype(x.dtype)
+        positive = x > 0  # f'(x) as a mask: dy * mask multiplies by 1 or 0
         return y, _ActivationCache(positive, x.shape)
 
     def _backward(

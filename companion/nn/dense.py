@@ -89,17 +89,22 @@ class Dense(Layer):
     ) -> tuple[np.ndarray, _DenseCache]:
         y = x @ self._array("kernel")
         if self.bias is not None:
-            y = y + self.bias
+            y += self.bias
         return y, _DenseCache(x=x, output_shape=y.shape)
 
     def _backward(
         self, dy: np.ndarray, cache: _DenseCache
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         kernel = self._array("kernel")  # K, shape (in, out)
+        return dy @ kernel.T, self._parameter_gradients(dy, cache)
+
+    def _parameter_gradients(
+        self, dy: np.ndarray, cache: _DenseCache
+    ) -> dict[str, np.ndarray]:
         grads = {"kernel": cache.x.T @ dy}
         if self.bias is not None:
             grads["bias"] = dy.sum(axis=0)
-        return dy @ kernel.T, grads
+        return grads
 
 
 class _FlattenCache(NamedTuple):

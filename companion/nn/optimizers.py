@@ -115,8 +115,11 @@ class SGD:
                     )
                 updates.append((self._slot(layer, name, param), param, grad))
         for velocity, param, grad in updates:
-            velocity *= self.momentum
-            velocity -= self.learning_rate * grad
+            if self.momentum == 0.0:  # v = -lr g: the same numbers, one pass
+                np.multiply(grad, -self.learning_rate, out=velocity)
+            else:
+                velocity *= self.momentum
+                velocity -= self.learning_rate * grad
             param += velocity
 
     def _slot(self, layer: Layer, name: str, param: np.ndarray) -> np.ndarray:

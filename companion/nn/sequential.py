@@ -82,12 +82,24 @@ class Sequential(Layer):
         result: np.ndarray = x
         return result
 
-    def backward(self, dy: Any) -> np.ndarray:
-        """Backpropagate through every layer in reverse; returns dx."""
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        result: np.ndarray = dy
-        return result
+    def backward(  # type: ignore[override]
+        self, dy: Any, *, input_gradient: bool = True
+    ) -> np.ndarray | None:
+        """Backpropagate through every layer in reverse; returns dx.
+
+        With ``input_gradient=False`` the layers below the first one with
+        parameters are skipped and that layer computes its parameters'
+        gradients only (nothing needs the gradient of the data); None is
+        returned.
+        """
+        layers = list(self.layers)
+        if not check_bool(input_gradient, "input_gradient"):
+            trainable = [i for i, layer in enumerate(layers) if layer.params]
+            layers = layers[trainable[0] :] if trainable else []
+        for i, layer in enumerate(reversed(layers)):
+            first = i == len(layers) - 1
+            dy = layer.backward(dy, input_gradient=input_gradient or not first)
+        return dy if input_gradient else None
 
     def build(
         self, input_shape: Sequence[int | None], dtype: Any = np.float32
