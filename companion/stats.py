@@ -1,4 +1,5 @@
-r"""Verdicts on the book's claims: paired effects, a confidence interval, three outcomes.
+r"""Verdicts on the book's claims: paired effects, a confidence interval, three
+outcomes.
 
 Every claim of Parts II to IV is decided by this module, with one rule
 (chapter 8 explains it; chapter 14 collects the verdicts):
@@ -205,7 +206,8 @@ def _t_two_sided_mass(t: float, df: int) -> float:
 
 
 def t_quantile(p: float, df: int) -> float:
-    """The ``p``-quantile of Student's t distribution with ``df`` degrees of freedom.
+    """The ``p``-quantile of Student's t distribution with ``df`` degrees of
+    freedom.
 
     Solved by bisection on the closed-form distribution function (exact to
     about 1e-12); ``t_quantile(0.975, 4)`` is 2.776.  Needs no SciPy.
@@ -260,7 +262,8 @@ def decide(
     sampling_variances: Sequence[float] | None = None,
     confidence: float = 0.95,
 ) -> Verdict:
-    """The verdict on per-seed paired effects against ``margin`` (steps 3-4 above).
+    """The verdict on per-seed paired effects against ``margin`` (steps 3-4
+    above).
 
     Parameters
     ----------
@@ -295,7 +298,8 @@ def decide(
         )
     if d.size < 2:
         raise ValueError(
-            f"effects must hold at least 2 seeds for an interval; received {d.size}"
+            "effects must hold at least 2 seeds for an interval; received "
+            f"{d.size}"
         )
     if sampling_variances is None:
         v = np.zeros_like(d)
@@ -421,7 +425,7 @@ def sampling_variance(
     for b in range(n_boot):
         acc = {
             k: DIVERGED_ACCURACY if bad else float(resampled[b, i])
-            for i, (k, bad) in enumerate(zip(names, diverged))
+            for i, (k, bad) in enumerate(zip(names, diverged, strict=True))
         }
         values[b] = effect(acc)
     return float(values.var(ddof=1))

@@ -1,4 +1,5 @@
-"""Model builder, training loop and evaluation for the experiments of Parts II-IV.
+"""Model builder, training loop and evaluation for the experiments of Parts II-
+IV.
 
 Everything is numpy (:mod:`companion.nn`), seeded by the package's one
 convention (:mod:`companion.seeding`), and returns plain data (dicts of
@@ -76,7 +77,8 @@ def mlp(
     momentum: float = 0.99,
     seed: int = 0,
 ) -> Sequential:
-    """A fully connected classifier: Flatten, ``hidden`` layers, a linear output.
+    """A fully connected classifier: Flatten, ``hidden`` layers, a linear
+    output.
 
     Parameters
     ----------

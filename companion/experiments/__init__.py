@@ -1,4 +1,5 @@
-"""``companion.experiments``: the measured claims of Part III, as seeded, rerunnable functions.
+"""``companion.experiments``: the measured claims of Part III, as seeded,
+rerunnable functions.
 
 Every experiment is a module of this package with
 
@@ -161,14 +162,16 @@ def outcomes(result: dict[str, Any]) -> dict[str, str]:
 
 
 def save_results(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a :func:`run_experiment` result as indented JSON (NaN written as null)."""
+    """Write a :func:`run_experiment` result as indented JSON (NaN written as
+    null).
+    """
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(_jsonable(result), handle, indent=1, allow_nan=False)
         handle.write("\n")
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a file written by :func:`save_results` (null comes back as None)."""
+    """Read a file written by :func:`save_results` (null becomes None)."""
     with open(path, encoding="utf-8") as handle:
         result: dict[str, Any] = json.load(handle)
     return result

@@ -217,7 +217,8 @@ def noise(
     *,
     n_test: int = 1000,
 ) -> dict[str, dict[str, Any]]:
-    """How much each claim's effect moves when runs are replaced by their twins.
+    """How much each claim's effect moves when runs are replaced by their
+    twins.
 
     Per seed, the effect is computed again with every run that has a twin
     (``name + TWIN``) replaced by the twin.  ``differences`` lists the

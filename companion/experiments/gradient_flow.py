@@ -113,7 +113,7 @@ each claim whose accuracy lies nearest the threshold."""
 
 
 def arms(activation: str) -> list[str]:
-    """The arms trained for ``activation``: none, before (+ none_he for ReLU)."""
+    """The arms of ``activation``: none, before (and none_he for ReLU)."""
     return ["none", "before"] + (["none_he"] if activation == "relu" else [])
 
 
@@ -155,7 +155,8 @@ def build(
 
 
 def kernel_gradient_norms(model: Sequential) -> list[float]:
-    r""":math:`\lVert \partial L/\partial W_l \rVert_F` of every Dense kernel, input side first.
+    r""":math:`\lVert \partial L/\partial W_l \rVert_F` of every Dense kernel,
+    input side first.
 
     Reads the ``grads`` the last ``model.backward`` left in the layers.
     The norm is computed in float64: the gradients of a deep sigmoid
@@ -238,7 +239,9 @@ def deepest_trained(
     depths: Sequence[int],
     threshold: float,
 ) -> int:
-    """The largest depth whose run reaches ``threshold`` test accuracy (0 if none)."""
+    """The largest depth whose run reaches ``threshold`` test accuracy (0 if
+    none).
+    """
     reached = [
         d
         for d in depths

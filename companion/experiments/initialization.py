@@ -1,4 +1,5 @@
-r"""Less dependence on initialization: over how many decades of weight scale does an MLP train?  (Chapter 10.)
+r"""Less dependence on initialization: over how many decades of weight scale
+does an MLP train?  (Chapter 10.)
 
 Set-up (the weight-scale experiment of CS231n's batch-norm assignment, on
 MNIST and with plain SGD): a 784-100-100-100-100-10 ReLU MLP
@@ -146,7 +147,8 @@ def dense_layers(model: Sequential) -> list[Dense]:
 def draw_kernels(
     model: Sequential, scale: float, seed: int, *, skip_output: bool = False
 ) -> None:
-    r"""Overwrite the Dense kernels of a built ``model`` with :math:`s\,Z`, :math:`Z \sim N(0, 1)`.
+    r"""Overwrite the Dense kernels of a built ``model`` with :math:`s\,Z`,
+    :math:`Z \sim N(0, 1)`.
 
     Layer ``i`` draws its :math:`Z` from the stream ``(seed, KERNELS, i)``,
     so for one seed every scale gets the same directions and differs only
@@ -173,10 +175,10 @@ def train_one(
 
     The record adds ``initial_loss`` (the first mini-batch's loss; None
     when the run diverged on its first step, i.e. that loss was not finite
-    or above :data:`companion.training.DIVERGENCE_LOSS`) and ``hidden_change`` /
-    ``output_change``: :math:`\\lVert W_T - W_0 \\rVert / \\lVert W_0
-    \\rVert`, the mean over the hidden kernels and the output kernel's
-    (None if the run diverged).
+    or above :data:`companion.training.DIVERGENCE_LOSS`) and
+    ``hidden_change`` / ``output_change``: :math:`\\lVert W_T - W_0
+    \\rVert / \\lVert W_0 \\rVert`, the mean over the hidden kernels and
+    the output kernel's (None if the run diverged).
     """
     data = mnist(seed)
     model = mlp(config["hidden"], batch_norm=BATCH_NORM[variant], seed=seed)
@@ -214,7 +216,9 @@ def working_range(
     scales: Sequence[float],
     threshold: float,
 ) -> float:
-    """Decades between the smallest and the largest scale that work (0 if < 2 do)."""
+    """Decades between the smallest and the largest scale that work (0 if < 2
+    do).
+    """
     works = [
         math.log10(s)
         for i, s in enumerate(scales)

@@ -1,4 +1,5 @@
-r"""Higher learning rates: does batch norm let an MLP train with larger steps?  (Chapter 9.)
+r"""Higher learning rates: does batch norm let an MLP train with larger steps?
+(Chapter 9.)
 
 Set-up: a 784-100-100-100-10 ReLU MLP (:func:`companion.training.mlp`)
 with and without batch norm (``"before"`` the ReLU, the paper's placement)
@@ -294,8 +295,8 @@ def measures(config: Mapping[str, Any]) -> list[Measure]:
                 "... that trains faster",
                 f"log10 of (steps to {threshold:.0%} test accuracy without "
                 "BN / with BN), each at its best rate of the grid (first "
-                f"evaluation, every {config['eval_every']} steps; a run that never gets "
-                f"there counts as {never:g}); {setting}",
+                f"evaluation, every {config['eval_every']} steps; a run "
+                f"that never gets there counts as {never:g}); {setting}",
                 "decades",
                 config["margin_steps_decades"],
             ),

@@ -1,4 +1,5 @@
-r"""Claim: batch norm belongs *before* the nonlinearity (Dense -> BN -> f), not after it (Dense -> f -> BN).
+r"""Claim: batch norm belongs *before* the nonlinearity (Dense -> BN -> f), not
+after it (Dense -> f -> BN).
 
 Ioffe & Szegedy (2015, section 3.2) normalize the pre-activation
 :math:`x = Wu + b`, because it "is more likely to have a symmetric, non-sparse
@@ -148,24 +149,31 @@ def run_name(activation: str, placement: str, index: int) -> str:
 
 
 LOW_GRADIENT = 0.1
-"""A nonlinearity input z has a 'low gradient' when f'(z) < LOW_GRADIENT * max f'."""
+"""A nonlinearity input z has a 'low gradient' when f'(z) < LOW_GRADIENT * max
+f'.
+"""
 
 SIGMOID_LOW_GRADIENT_Z = math.log(
     (1.0 + math.sqrt(1.0 - LOW_GRADIENT))
     / (1.0 - math.sqrt(1.0 - LOW_GRADIENT))
 )
-r"""The :math:`|z|` above which :math:`\sigma'(z) < 0.1 \cdot \sigma'(0)`: :math:`\sigma(1-\sigma) = 0.025` at
-:math:`\sigma = (1 - \sqrt{0.9})/2`, i.e. :math:`|z| = \ln\frac{1+\sqrt{0.9}}{1-\sqrt{0.9}} \approx 3.64`."""
+r"""The :math:`|z|` above which :math:`\sigma'(z) < 0.1 \cdot \sigma'(0)`.
+
+:math:`\sigma(1-\sigma) = 0.025` at :math:`\sigma = (1 - \sqrt{0.9})/2`,
+i.e. :math:`|z| = \ln\frac{1+\sqrt{0.9}}{1-\sqrt{0.9}} \approx 3.64`.
+"""
 
 
 class CenteredSigmoid(Sigmoid):
-    r"""The sigmoid shifted down by 1/2: :math:`y = \sigma(x) - \tfrac12 = \tfrac12\tanh(x/2)`.
+    r"""The sigmoid shifted down by 1/2: :math:`y = \sigma(x) - \tfrac12 =
+    \tfrac12\tanh(x/2)`.
 
     Same derivative :math:`\sigma(x)(1 - \sigma(x))` as the sigmoid, so it
     saturates where the sigmoid does; only the mean of its output moves to 0
-    for inputs symmetric about 0.  The next Dense layer's bias can absorb the
-    shift (:math:`W(h - \tfrac12) + b = Wh + (b - \tfrac12 W\mathbf{1})`), so the
-    network computes the same set of functions as with the sigmoid.
+    for inputs symmetric about 0.  The next Dense layer's bias can absorb
+    the shift (:math:`W(h - \tfrac12) + b = Wh + (b - \tfrac12
+    W\mathbf{1})`), so the network computes the same set of functions as
+    with the sigmoid.
     """
 
     def __repr__(self) -> str:
@@ -186,17 +194,19 @@ def build(
     momentum: float = 0.99,
     seed: int = 0,
 ) -> Sequential:
-    """:func:`companion.training.mlp` for a placement of :data:`PLACEMENTS` or an arm of :data:`EXTRA_ARMS`.
+    """:func:`companion.training.mlp` for a placement of :data:`PLACEMENTS` or
+    an arm of :data:`EXTRA_ARMS`.
 
-    ``"before_centered"``: ``"before"`` with every :class:`~companion.nn.Sigmoid`
-    replaced by a :class:`CenteredSigmoid`; ``"before_output_bn"``: ``"before"``
-    with one more BatchNorm in front of the output layer.  Same kernels as
-    ``"before"`` for the same seed.
+    ``"before_centered"``: ``"before"`` with every
+    :class:`~companion.nn.Sigmoid` replaced by a :class:`CenteredSigmoid`;
+    ``"before_output_bn"``: ``"before"`` with one more BatchNorm in front
+    of the output layer.  Same kernels as ``"before"`` for the same seed.
     """
     if placement in ("before_centered", "before_output_bn"):
         if activation != "sigmoid":
             raise ValueError(
-                f"placement {placement!r} needs activation 'sigmoid'; received {activation!r}"
+                f"placement {placement!r} needs activation 'sigmoid'; "
+                f"received {activation!r}"
             )
         model = mlp(
             hidden,
@@ -225,10 +235,12 @@ def build(
 
 
 def low_gradient_fraction(z: np.ndarray, activation: str) -> float:
-    r"""Fraction of the entries of ``z`` (inputs of ``activation``) where f'(z) < 0.1 max f'.
+    r"""Fraction of the entries of ``z`` (inputs of ``activation``) where f'(z)
+    < 0.1 max f'.
 
     ReLU: :math:`f'(z) = 0` for :math:`z \le 0` (the unit passes no gradient);
-    sigmoid: :math:`|z| >` :data:`SIGMOID_LOW_GRADIENT_Z` (the unit is saturated).
+    sigmoid: :math:`|z| >` :data:`SIGMOID_LOW_GRADIENT_Z` (the unit is
+    saturated).
     """
     if activation == "relu":
         return float(np.mean(z <= 0))
@@ -240,7 +252,8 @@ def low_gradient_fraction(z: np.ndarray, activation: str) -> float:
 
 
 def mean_share(h: np.ndarray) -> float:
-    r"""Mean over units (columns) of :math:`m_j^2 / (m_j^2 + v_j)`, the share of the second moment due to the mean.
+    r"""Mean over units (columns) of :math:`m_j^2 / (m_j^2 + v_j)`, the share
+    of the second moment due to the mean.
 
     :math:`m_j` and :math:`v_j` are the mean and the (biased) variance of
     column j over the rows.  0 for zero-mean inputs, 1 for constant non-zero
@@ -256,13 +269,17 @@ def mean_share(h: np.ndarray) -> float:
 
 
 def rms(z: np.ndarray) -> float:
-    r"""Mean over units (columns) of the root mean square :math:`\sqrt{E[z_j^2]}` over the rows."""
+    r"""Mean over units (columns) of the root mean square
+    :math:`\sqrt{E[z_j^2]}` over the rows.
+    """
     z = np.asarray(z, dtype=np.float64)
     return float(np.mean(np.sqrt(np.mean(z**2, axis=0))))
 
 
 def mean_abs_skewness(x: np.ndarray) -> float:
-    r"""Mean over units (columns) of :math:`|E[(x - m)^3]| / v^{3/2}`; constant columns are left out."""
+    r"""Mean over units (columns) of :math:`|E[(x - m)^3]| / v^{3/2}`; constant
+    columns are left out.
+    """
     x = np.asarray(x, dtype=np.float64)
     centred = x - x.mean(axis=0)
     v = np.mean(centred**2, axis=0)
@@ -279,7 +296,8 @@ def mean_abs_skewness(x: np.ndarray) -> float:
 def hidden_statistics(
     model: Sequential, x: np.ndarray, activation: str
 ) -> dict[str, list[float]]:
-    """Statistics of every hidden layer of an :func:`companion.training.mlp` on the images ``x``, as one batch.
+    """Statistics of every hidden layer of an :func:`companion.training.mlp` on
+    the images ``x``, as one batch.
 
     Batch norm layers normalize with the statistics of ``x`` (training mode,
     what the network computes while it trains; at step 0 the moving averages
@@ -288,8 +306,9 @@ def hidden_statistics(
 
     Returns ``low_gradient`` (:func:`low_gradient_fraction` of each
     nonlinearity's input), ``activation_input_rms`` (:func:`rms` of each
-    nonlinearity's input: how far from 0 the units operate), ``mean_share`` (:func:`mean_share` of the input of
-    each Dense layer after the first, i.e. of each hidden layer's output) and
+    nonlinearity's input: how far from 0 the units operate),
+    ``mean_share`` (:func:`mean_share` of the input of each Dense layer
+    after the first, i.e. of each hidden layer's output) and
     ``bn_input_skewness`` (:func:`mean_abs_skewness` of the input of each
     hidden layer's BatchNorm; NaN without batch norm), one value per hidden
     layer.
@@ -313,7 +332,8 @@ def hidden_statistics(
             seen_dense = True
         h = layer(h, training=True)
     n_hidden = len(stats["low_gradient"])
-    # one value per hidden layer: without batch norm NaN; a BatchNorm in front of the output layer is left out
+    # one value per hidden layer: without batch norm NaN; a BatchNorm in front
+    # of the output layer is left out
     stats["bn_input_skewness"] = (
         stats["bn_input_skewness"][:n_hidden] or [math.nan] * n_hidden
     )
@@ -323,8 +343,10 @@ def hidden_statistics(
 def steps_to_threshold(
     steps: Sequence[int], accuracies: Sequence[float], threshold: float
 ) -> float:
-    """The first evaluation step whose test accuracy is >= ``threshold``; NaN if none is."""
-    for step, acc in zip(steps, accuracies):
+    """The first evaluation step whose test accuracy is >= ``threshold``; NaN
+    if none is.
+    """
+    for step, acc in zip(steps, accuracies, strict=False):
         if not math.isnan(acc) and acc >= threshold:
             return float(step)
     return math.nan
@@ -432,7 +454,8 @@ def measures(config: Mapping[str, Any]) -> list[Measure]:
 
 
 def run(config: Mapping[str, Any], seeds: list[int]) -> dict[str, Any]:
-    """Train every (nonlinearity, placement, learning rate, seed); judge the claims.
+    """Train every (nonlinearity, placement, learning rate, seed); judge the
+    claims.
 
     Returns ``learning_rates``, ``arms`` (per nonlinearity), ``runs`` (per
     seed, ``{run name: record}``), ``verdicts`` and ``noise``.

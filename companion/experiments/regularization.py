@@ -1,4 +1,5 @@
-r"""Claim (4): batch normalization regularizes, through the noise of its batch statistics.
+r"""Claim (4): batch normalization regularizes, through the noise of its batch
+statistics.
 
 Ioffe & Szegedy (2015) write that batch norm "also acts as a regularizer, in
 some cases eliminating the need for Dropout" (abstract): with it "the
@@ -35,6 +36,7 @@ shrinking is larger at small batches, where batch statistics are noisier.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -148,15 +150,19 @@ def run_names(config: Mapping[str, Any]) -> list[str]:
     return [n for n in RUNS if config["batch_arms"] or n not in BATCH_ARMS]
 
 
-# --------------------------------------------------------------------------- dropout
+# ---------------------------------------------------------------------------
+# dropout
 class _DropoutCache(NamedTuple):
     mask: np.ndarray | None
-    """The scaled keep-mask (0 or 1/(1-rate)) of the last training call; None in inference mode."""
+    """The scaled keep-mask (0 or 1/(1-rate)) of the last training call; None
+    in inference mode.
+    """
     output_shape: tuple[int, ...]
 
 
 class Dropout(Layer):
-    r"""Inverted dropout: :math:`y = x \odot m`, :math:`m_i = [u_i \ge p] / (1 - p)`, :math:`u_i \sim U(0, 1)`.
+    r"""Inverted dropout: :math:`y = x \odot m`, :math:`m_i = [u_i \ge p] / (1
+    - p)`, :math:`u_i \sim U(0, 1)`.
 
     In training mode every element is kept with probability :math:`1 - p`
     and scaled by :math:`1/(1-p)`, so :math:`E[y] = x`; in inference mode the
@@ -200,7 +206,8 @@ class Dropout(Layer):
             keep = np.asarray(self.fixed_mask, dtype=bool)
             if keep.shape != x.shape:
                 raise ValueError(
-                    f"fixed_mask has shape {keep.shape}; expected the input's shape {x.shape}"
+                    f"fixed_mask has shape {keep.shape}; expected the "
+                    f"input's shape {x.shape}"
                 )
         else:
             keep = self._rng.random(x.shape) >= self.rate
@@ -340,7 +347,7 @@ def train_one(
     marks = sorted(checkpoints)
     minibatch = [math.nan] + [
         float(losses[a:b].mean()) if len(losses) >= b else math.nan
-        for a, b in zip(marks[:-1], marks[1:], strict=True)
+        for a, b in itertools.pairwise(marks)
     ]
     final = {key: values[-1] for key, values in curves.items()}
     level = config["matched_train_loss"]
@@ -398,7 +405,9 @@ def _gap(run: Mapping[str, Any]) -> float:
 
 
 def gap_shrink(runs: Mapping[str, Any], bn: str, none: str) -> float:
-    """How much of the loss gap batch norm removes: gap without - gap with (nats)."""
+    """How much of the loss gap batch norm removes: gap without - gap with
+    (nats).
+    """
     return _gap(runs[none]) - _gap(runs[bn])
 
 

@@ -1,4 +1,5 @@
-"""The claims of Part III as one table (chapter 14) and as text (chapters 8-13).
+"""The claims of Part III as one table (chapter 14) and as text (chapters
+8-13).
 
 Everything here formats what :func:`companion.experiments.common.verdicts`
 stored in a result; nothing is recomputed and nothing is typed by hand.
@@ -33,7 +34,7 @@ def _number(value: float) -> str:
 
 
 def format_verdict(verdict: Mapping[str, Any]) -> str:
-    """``+10 layers [+8.2, +12]``: the mean effect and its confidence interval."""
+    """``+10 layers [+8.2, +12]``: the mean effect and its interval."""
     unit = verdict["unit"]
     sep = "" if unit == "%" else " "
     return (

@@ -1,4 +1,5 @@
-r"""Claim (5): batch normalization makes saturating nonlinearities (the sigmoid) usable.
+r"""Claim (5): batch normalization makes saturating nonlinearities (the
+sigmoid) usable.
 
 Two parts, both on the MNIST subset (4,000 training and 1,000 test digits),
 plain SGD with the same learning rate for both variants, mini-batches of 60.
@@ -135,7 +136,8 @@ TWINNED = ("paper/without_bn", "glorot/without_bn", "deep/without_bn")
 
 
 def gaussian_kernels(model: Sequential, std: float, seed: int) -> None:
-    r"""Overwrite every Dense kernel of a built ``model`` with :math:`N(0, \mathrm{std}^2)` draws.
+    r"""Overwrite every Dense kernel of a built ``model`` with :math:`N(0,
+    \mathrm{std}^2)` draws.
 
     Dense layer ``i`` (input side first) draws from the stream ``(seed,
     KERNELS, i)``, so the two variants of a seed start from the same
@@ -149,7 +151,8 @@ def gaussian_kernels(model: Sequential, std: float, seed: int) -> None:
 
 
 def sigmoid_inputs(model: Sequential, x: np.ndarray) -> list[np.ndarray]:
-    r"""The input of every Sigmoid layer of ``model`` for the batch ``x``, input side first.
+    r"""The input of every Sigmoid layer of ``model`` for the batch ``x``,
+    input side first.
 
     Without batch norm that is the Dense layer's pre-activation :math:`Wu + b`;
     with batch norm it is the BatchNorm output :math:`\gamma \hat x + \beta`
@@ -181,7 +184,8 @@ def train_paper(
     *,
     twin: bool = False,
 ) -> dict[str, Any]:
-    """Train the paper's network once; record accuracy, sigmoid inputs, saturation.
+    """Train the paper's network once; record accuracy, sigmoid inputs,
+    saturation.
 
     ``init`` is ``"paper"`` (kernels from :math:`N(0, s^2)`,
     :func:`gaussian_kernels`) or ``"glorot"`` (the Glorot-uniform kernels
