@@ -8,7 +8,10 @@ Everything the book derives, as importable, tested code:
 * :mod:`companion.layers` -- ``BatchNorm``, a layer with Keras's semantics;
 * :mod:`companion.gradcheck` -- ``numerical_gradient`` and ``rel_error``;
 * :mod:`companion.nn` -- the numpy layers, loss and optimizer of the book's
-  networks; :mod:`companion.training` -- their training loop.
+  networks; :mod:`companion.training` -- their training loop;
+* ``recalibrate`` (:mod:`companion.recalibration`, the paper's Algorithm 2),
+  ``fold_batchnorm`` (:mod:`companion.folding`) and
+  :mod:`companion.conventions` (Keras <-> PyTorch) -- Part IV.
 
 Importing the package imports numpy only.  The modules that need more say
 what to install when it is missing: ``companion.tf_env`` and
@@ -23,6 +26,8 @@ import importlib.metadata
 import re
 from pathlib import Path
 
+from companion import conventions
+from companion.folding import fold_batchnorm
 from companion.functional import (
     BatchNormCache,
     batchnorm_backward,
@@ -33,6 +38,7 @@ from companion.functional import (
 )
 from companion.gradcheck import numerical_gradient, rel_error
 from companion.layers import BatchNorm
+from companion.recalibration import recalibrate
 
 DISTRIBUTION = "batchnorm-companion"
 """The name of the distribution on PyPI (``pip install`` it)."""
@@ -77,6 +83,9 @@ __all__ = [
     "batchnorm_forward",
     "batchnorm_inference",
     "batchnorm_inference_backward",
+    "conventions",
+    "fold_batchnorm",
     "numerical_gradient",
+    "recalibrate",
     "rel_error",
 ]
