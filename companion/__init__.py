@@ -5,7 +5,11 @@ Everything the book derives, as importable, tested code:
 * :mod:`companion.functional` -- the stateless math: ``batchnorm_forward``,
   ``batchnorm_backward`` (closed form), ``batchnorm_backward_staged`` (node
   by node), ``batchnorm_inference`` and ``batchnorm_inference_backward``;
-* :mod:`companion.layers` -- ``BatchNorm``, a layer with Keras's semantics;
+* :mod:`companion.layers` -- ``BatchNorm``, a layer with Keras's semantics
+  (defined in :mod:`companion.nn.normalization`, with ``LayerNorm`` and
+  ``GroupNorm``); chapter 16's alternatives in :mod:`companion.per_example`
+  and :mod:`companion.batch_renorm`, chapter 17's merge of per-device
+  statistics in :mod:`companion.moments`;
 * :mod:`companion.gradcheck` -- ``numerical_gradient`` and ``rel_error``;
 * :mod:`companion.nn` -- the numpy layers, loss and optimizer of the book's
   networks; :mod:`companion.training` -- their training loop;
@@ -26,8 +30,6 @@ import importlib.metadata
 import re
 from pathlib import Path
 
-from companion import conventions
-from companion.folding import fold_batchnorm
 from companion.functional import (
     BatchNormCache,
     batchnorm_backward,
@@ -38,7 +40,14 @@ from companion.functional import (
 )
 from companion.gradcheck import numerical_gradient, rel_error
 from companion.layers import BatchNorm
-from companion.recalibration import recalibrate
+from companion.moments import merge_moments
+from companion.nn.normalization import GroupNorm, LayerNorm
+from companion.per_example import (
+    groupnorm_backward,
+    groupnorm_forward,
+    layernorm_backward,
+    layernorm_forward,
+)
 
 DISTRIBUTION = "batchnorm-companion"
 """The name of the distribution on PyPI (``pip install`` it)."""
@@ -77,15 +86,19 @@ __version__ = _version()
 __all__ = [
     "BatchNorm",
     "BatchNormCache",
+    "GroupNorm",
+    "LayerNorm",
     "__version__",
     "batchnorm_backward",
     "batchnorm_backward_staged",
     "batchnorm_forward",
     "batchnorm_inference",
     "batchnorm_inference_backward",
-    "conventions",
-    "fold_batchnorm",
+    "groupnorm_backward",
+    "groupnorm_forward",
+    "layernorm_backward",
+    "layernorm_forward",
+    "merge_moments",
     "numerical_gradient",
-    "recalibrate",
     "rel_error",
 ]

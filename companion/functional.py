@@ -23,6 +23,12 @@ its own output.  The per-channel arguments (``gamma``, ``beta``, the moving
 statistics) are checked: a NaN or an infinity there is a ``ValueError``
 unless ``check_finite=False`` (the layer passes that: a diverged training
 run then propagates NaN, as frameworks do).  The tests pin this behavior.
+
+The functional forms of chapters 16 and 17 are re-exported here, so that
+every normalization is ``companion.functional.<name>``: layer and group
+norm (:mod:`companion.per_example`), batch renormalization and ghost
+batches (:mod:`companion.batch_renorm`), and the merge of per-device
+statistics (:mod:`companion.moments`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from companion._reduce import channel_mean as _channel_mean
+from companion._reduce import channel_sum as _channel_sum
 from companion._validation import (
     as_float_array,
     check_channel_vector,
@@ -40,14 +48,43 @@ from companion._validation import (
     compute_dtype,
     describe,
 )
+from companion.batch_renorm import (
+    RenormCache,
+    batch_renorm_backward,
+    batch_renorm_forward,
+    ghost_batchnorm_backward,
+    ghost_batchnorm_forward,
+    renorm_correction,
+)
+from companion.moments import merge_moments, merge_power_sums
+from companion.per_example import (
+    PerExampleCache,
+    groupnorm_backward,
+    groupnorm_forward,
+    layernorm_backward,
+    layernorm_forward,
+)
 
 __all__ = [
     "BatchNormCache",
+    "PerExampleCache",
+    "RenormCache",
+    "batch_renorm_backward",
+    "batch_renorm_forward",
     "batchnorm_backward",
     "batchnorm_backward_staged",
     "batchnorm_forward",
     "batchnorm_inference",
     "batchnorm_inference_backward",
+    "ghost_batchnorm_backward",
+    "ghost_batchnorm_forward",
+    "groupnorm_backward",
+    "groupnorm_forward",
+    "layernorm_backward",
+    "layernorm_forward",
+    "merge_moments",
+    "merge_power_sums",
+    "renorm_correction",
 ]
 
 
@@ -85,31 +122,6 @@ class BatchNormCache(NamedTuple):
     def count(self) -> int:  # type: ignore[override]
         """The number m of values each channel's statistics are taken over."""
         return int(self.x_hat.size // self.x_hat.shape[self.axis])
-
-
-def _channel_sum(
-    a: np.ndarray, axes: tuple[int, ...], divide_by: int = 1
-) -> np.ndarray:
-    """Per-channel sum over ``axes`` (keepdims), divided by ``divide_by``.
-
-    Accumulated in float64: numpy adds along non-contiguous axes one value
-    after another, so a float32 sum over the N*H*W values of a channel
-    would lose about log10(N*H*W) digits; accumulating in (at least)
-    float64 and rounding once keeps float32 statistics within an ulp or two
-    of the exact ones.
-    """
-    total = a.sum(
-        axis=axes, keepdims=True, dtype=np.promote_types(a.dtype, np.float64)
-    )
-    result: np.ndarray = (total / divide_by).astype(a.dtype, copy=False)
-    return result
-
-
-def _channel_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Per-channel mean over ``axes`` (keepdims), accumulated in float64."""
-    return _channel_sum(
-        a, axes, divide_by=int(np.prod([a.shape[i] for i in axes]))
-    )
 
 
 class _Prepared(NamedTuple):

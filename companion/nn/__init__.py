@@ -6,7 +6,6 @@ Every layer has ``__call__(x, training=False)``, ``backward(dy) -> dx``,
 chapter 16 adds ``LayerNorm`` and ``GroupNorm``.
 """
 
-from companion.folding import fold
 from companion.nn.activations import ReLU, Sigmoid
 from companion.nn.conv import Conv2D
 from companion.nn.dense import Dense, Flatten
@@ -28,6 +27,5 @@ __all__ = [
     "ReLU",
     "Sequential",
     "Sigmoid",
-    "fold",
     "softmax_cross_entropy",
 ]
