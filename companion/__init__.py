@@ -30,6 +30,8 @@ import importlib.metadata
 import re
 from pathlib import Path
 
+from companion import conventions
+from companion.folding import fold_batchnorm
 from companion.functional import (
     BatchNormCache,
     batchnorm_backward,
@@ -48,6 +50,7 @@ from companion.per_example import (
     layernorm_backward,
     layernorm_forward,
 )
+from companion.recalibration import recalibrate
 
 DISTRIBUTION = "batchnorm-companion"
 """The name of the distribution on PyPI (``pip install`` it)."""
@@ -94,11 +97,14 @@ __all__ = [
     "batchnorm_forward",
     "batchnorm_inference",
     "batchnorm_inference_backward",
+    "conventions",
+    "fold_batchnorm",
     "groupnorm_backward",
     "groupnorm_forward",
     "layernorm_backward",
     "layernorm_forward",
     "merge_moments",
     "numerical_gradient",
+    "recalibrate",
     "rel_error",
 ]

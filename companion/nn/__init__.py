@@ -6,6 +6,7 @@ Every layer has ``__call__(x, training=False)``, ``backward(dy) -> dx``,
 chapter 16 adds ``LayerNorm`` and ``GroupNorm``.
 """
 
+from companion.folding import fold
 from companion.nn.activations import ReLU, Sigmoid
 from companion.nn.conv import Conv2D
 from companion.nn.dense import Dense, Flatten
@@ -27,5 +28,6 @@ __all__ = [
     "ReLU",
     "Sequential",
     "Sigmoid",
+    "fold",
     "softmax_cross_entropy",
 ]
