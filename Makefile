@@ -4,6 +4,9 @@
 #                 notebook by nbval (strict) and the built pages in Chromium (one pytest run)
 #   make lab      JupyterLab in the project environment, opened on book/
 #   make browser-test  build the book and check its pages in Chromium only
+#   make pdf      the whole book as _build/latex/batchnorm-executable.pdf (needs TeX Live:
+#                 apt-get install texlive-latex-extra texlive-xetex
+#                 texlive-fonts-recommended fonts-freefont-otf latexmk)
 #   make execute  re-execute every notebook in place (stored outputs = what nbval recomputes)
 #   make lint     ruff (lint + format check) on companion, tests and the notebooks,
 #                 mypy on companion, actionlint on .github/workflows
@@ -25,7 +28,7 @@ export TF_DETERMINISTIC_OPS := 1
 # No progress bars in stored notebook outputs (readers running Jupyter get them).
 export COMPANION_NO_PROGRESS := 1
 
-.PHONY: book test execute lint clean install test-no-tf lab browser-test robustness
+.PHONY: book test execute lint clean install test-no-tf lab browser-test pdf robustness
 
 install: $(STAMP)
 
@@ -46,6 +49,9 @@ test: $(STAMP) lint
 
 browser-test: book
 	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest tests/test_rendered_book.py --no-cov -p no:cacheprovider
+
+pdf: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --builder pdflatex
 
 # Kernels start in the notebook's folder with this Makefile's environment
 # (no progress bars, so a saved notebook stays what nbval compares).
