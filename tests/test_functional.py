@@ -277,6 +277,16 @@ def _loops(function) -> list[str]:
         F.batchnorm_backward_staged,
         F.batchnorm_inference,
         F.batchnorm_inference_backward,
+        F.layernorm_forward,
+        F.layernorm_backward,
+        F.groupnorm_forward,
+        F.groupnorm_backward,
+        F.batch_renorm_forward,
+        F.batch_renorm_backward,
+        F.ghost_batchnorm_forward,
+        F.ghost_batchnorm_backward,
+        F.renorm_correction,
+        F.merge_power_sums,
     ],
 )
 def test_math_has_no_python_loops(function):
@@ -299,3 +309,28 @@ def test_float32_statistics_of_a_large_channel_are_accurate_to_a_few_ulp():
         cache.mean, exact.mean(axis=(0, 1, 2)), rtol=1e-6
     )
     np.testing.assert_allclose(cache.var, exact.var(axis=(0, 1, 2)), rtol=1e-6)
+
+
+def test_chapter_16_functions_leave_their_inputs_alone():
+    rng = np.random.default_rng(20)
+    x, dy = rng.normal(size=(8, 2, 6)), rng.normal(size=(8, 2, 6))
+    gamma, beta = rng.normal(size=6), rng.normal(size=6)
+    stats = rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)
+    copies = [a.copy() for a in (x, dy, gamma, beta, *stats)]
+    for forward, backward, kwargs, args in (
+        (F.layernorm_forward, F.layernorm_backward, {}, ()),
+        (F.groupnorm_forward, F.groupnorm_backward, {"groups": 3}, ()),
+        (
+            F.ghost_batchnorm_forward,
+            F.ghost_batchnorm_backward,
+            {"virtual_batch_size": 4},
+            (),
+        ),
+        (F.batch_renorm_forward, F.batch_renorm_backward, {}, stats),
+    ):
+        _, cache = forward(x, gamma, beta, *args, **kwargs)
+        backward(dy, cache)
+    for original, copy in zip(
+        (x, dy, gamma, beta, *stats), copies, strict=True
+    ):
+        np.testing.assert_array_equal(original, copy)
