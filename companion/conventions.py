@@ -31,7 +31,10 @@ and PyTorch's running variance is the same with every
 
 exactly, for any batches, when :math:`m` is the same in every batch.
 :func:`unbiased_moving_variance` and :func:`biased_moving_variance` apply
-it; :func:`to_pytorch` and :func:`from_pytorch` convert a whole layer.
+it.  :func:`to_pytorch` and :func:`from_pytorch` convert a whole layer,
+keeping either its inference outputs (the default) or its statistics
+(:data:`PRESERVE`): the same training run leaves the two frameworks with
+layers whose inference outputs differ by up to :math:`\sqrt{m/(m-1)}`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from companion.layers import BatchNorm
 __all__ = [
     "CONVENTIONS",
     "KERAS",
+    "PRESERVE",
     "PYTORCH",
     "TF1",
     "TF1_FUSED",
@@ -263,7 +267,58 @@ def match_epsilon(
 
 
 # ------------------------------------------------------------ whole layers
-def to_pytorch(layer: BatchNorm, *, count: int, steps: int) -> dict[str, Any]:
+PRESERVE = ("inference", "statistics")
+r"""What a layer conversion keeps (:func:`to_pytorch`, :func:`from_pytorch`).
+
+``"inference"``: the variance that inference mode divides by is copied
+as it is, so the converted layer computes the same inference outputs.
+``"statistics"``: the variance is converted between the biased and the
+unbiased average (:func:`unbiased_moving_variance`), so the converted
+layer holds what the other framework's own update would have stored
+after the same batches -- and, since the frameworks divide by different
+averages, its inference outputs differ by up to
+:math:`\sqrt{m/(m-1)}` (chapter 15).
+"""
+
+
+def _converted_variance(
+    variance: np.ndarray,
+    preserve: str,
+    count: int | None,
+    steps: int | None,
+    momentum: float,
+    to_unbiased: bool,
+) -> np.ndarray:
+    if preserve not in PRESERVE:
+        raise ValueError(
+            f"preserve must be one of {PRESERVE}; "
+            f"received {describe(preserve)}"
+        )
+    if preserve == "inference":
+        same: np.ndarray = variance.copy()
+        return same
+    if count is None or steps is None:
+        raise ValueError(
+            'preserve="statistics" needs count (values per channel in each '
+            "training batch) and steps (training-mode calls); received "
+            f"count={count!r}, steps={steps!r}"
+        )
+    convert = (
+        unbiased_moving_variance if to_unbiased else (biased_moving_variance)
+    )
+    result: np.ndarray = convert(
+        variance, count, momentum=momentum, steps=steps
+    ).astype(variance.dtype)
+    return result
+
+
+def to_pytorch(
+    layer: BatchNorm,
+    *,
+    preserve: str = "inference",
+    count: int | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:
     """A trained companion (Keras-convention) layer as PyTorch stores it.
 
     Parameters
@@ -271,18 +326,24 @@ def to_pytorch(layer: BatchNorm, *, count: int, steps: int) -> dict[str, Any]:
     layer : companion.BatchNorm
         Built; a Keras layer's weights load into one with
         ``layer.set_weights(keras_layer.get_weights())``.
+    preserve : {"inference", "statistics"}
+        :data:`PRESERVE`: ``"inference"`` (the default) gives a PyTorch
+        layer whose ``eval()`` outputs equal this layer's inference
+        outputs; ``"statistics"`` the state PyTorch would hold after the
+        same training batches.
     count : int >= 2
-        Values per channel in each training batch (see
-        :func:`unbiased_moving_variance`).
+        With ``"statistics"``: values per channel in each training batch
+        (see :func:`unbiased_moving_variance`).
     steps : int >= 0
-        Training-mode calls the layer has seen.
+        With ``"statistics"``: training-mode calls the layer has seen;
+        stored as ``num_batches_tracked`` (0 when not given).
 
     Returns
     -------
     dict
         ``weight``, ``bias``, ``running_mean``, ``running_var`` (copies, in
-        the layer's dtype), ``num_batches_tracked`` (= ``steps``): the keys
-        of a ``torch.nn.BatchNorm2d`` ``state_dict``; and ``momentum`` and
+        the layer's dtype) and ``num_batches_tracked``: the keys of a
+        ``torch.nn.BatchNorm2d`` ``state_dict``; and ``momentum`` and
         ``eps``, the constructor arguments that continue the same
         averaging (the layer's epsilon, not PyTorch's default).
     """
@@ -293,16 +354,16 @@ def to_pytorch(layer: BatchNorm, *, count: int, steps: int) -> dict[str, Any]:
     if layer.moving_mean is None or layer.moving_variance is None:
         raise ValueError("to_pytorch() needs a built BatchNorm")
     mean, variance = layer.moving_mean, layer.moving_variance
-    running = unbiased_moving_variance(
-        variance, count, momentum=layer.momentum, steps=steps
+    running = _converted_variance(
+        variance, preserve, count, steps, layer.momentum, to_unbiased=True
     )
     ones, zeros = np.ones_like(mean), np.zeros_like(mean)
     return {
         "weight": ones if layer.gamma is None else layer.gamma.copy(),
         "bias": zeros if layer.beta is None else layer.beta.copy(),
         "running_mean": mean.copy(),
-        "running_var": running.astype(variance.dtype),
-        "num_batches_tracked": int(steps),
+        "running_var": running,
+        "num_batches_tracked": 0 if steps is None else int(steps),
         "momentum": pytorch_momentum(layer.momentum),
         "eps": layer.epsilon,
     }
@@ -314,7 +375,8 @@ _STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
 def from_pytorch(
     state: Mapping[str, Any],
     *,
-    count: int,
+    preserve: str = "inference",
+    count: int | None = None,
     momentum: float = PYTORCH.momentum,
     eps: float = PYTORCH.epsilon,
 ) -> BatchNorm:
@@ -327,8 +389,14 @@ def from_pytorch(
         ``num_batches_tracked`` (a ``state_dict()`` with tensors converted
         by ``.numpy()``, or :func:`to_pytorch`'s output), with ``momentum``
         and ``eps`` taken from it when present.
+    preserve : {"inference", "statistics"}
+        :data:`PRESERVE`: ``"inference"`` (the default) gives a layer whose
+        inference outputs equal PyTorch's ``eval()`` outputs;
+        ``"statistics"`` the moving variance Keras's update would have
+        reached after the same batches (:func:`biased_moving_variance`,
+        with ``steps = num_batches_tracked``).
     count : int >= 2
-        Values per channel in each training batch.
+        With ``"statistics"``: values per channel in each training batch.
     momentum, eps : float
         PyTorch's constructor arguments (defaults 0.1 and 1e-5), used when
         ``state`` does not hold them.
@@ -336,10 +404,7 @@ def from_pytorch(
     Returns
     -------
     BatchNorm
-        Momentum ``1 - p``, the same epsilon, and the moving variance of
-        :func:`biased_moving_variance` with ``steps =
-        num_batches_tracked``; it computes PyTorch's inference outputs
-        once the variance is converted back (chapter 15).
+        Momentum ``1 - p`` and the same epsilon.
     """
     if not isinstance(state, Mapping):
         raise TypeError(
@@ -357,8 +422,7 @@ def from_pytorch(
             f"state is missing {missing}; expected the keys of a "
             "torch.nn.BatchNorm state_dict"
         )
-    p = state.get("momentum", momentum)
-    rho = keras_momentum(p)
+    rho = keras_momentum(state.get("momentum", momentum))
     epsilon = check_epsilon(state.get("eps", eps))
     steps = state["num_batches_tracked"]
     steps = int(np.asarray(steps)) if np.ndim(steps) == 0 else steps
@@ -369,8 +433,13 @@ def from_pytorch(
             f"weight, bias, running_mean and running_var must all have "
             f"shape (C,); received {shapes}"
         )
-    variance = biased_moving_variance(
-        arrays["running_var"], count, momentum=rho, steps=steps
+    variance = _converted_variance(
+        _variance_array(arrays["running_var"], "running_var"),
+        preserve,
+        count,
+        steps,
+        rho,
+        to_unbiased=False,
     )
     layer = BatchNorm(momentum=rho, epsilon=epsilon)
     dtype = arrays["running_mean"].dtype

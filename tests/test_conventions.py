@@ -108,7 +108,7 @@ def test_to_pytorch_gives_the_documented_running_statistics(
 ):
     layer, running_mean, running_var = trained(steps, shape, momentum)
     m = math.prod(shape[:-1])
-    state = to_pytorch(layer, count=m, steps=steps)
+    state = to_pytorch(layer, preserve="statistics", count=m, steps=steps)
     np.testing.assert_allclose(state["running_mean"], running_mean, rtol=1e-12)
     np.testing.assert_allclose(state["running_var"], running_var, rtol=1e-12)
     np.testing.assert_array_equal(state["weight"], layer.gamma)
@@ -137,7 +137,13 @@ def test_from_pytorch_gives_the_keras_moving_statistics(
         "running_var": running_var,
         "num_batches_tracked": np.int64(steps),  # a tensor's .numpy()
     }
-    converted = from_pytorch(state, count=m, momentum=1 - momentum, eps=1e-3)
+    converted = from_pytorch(
+        state,
+        preserve="statistics",
+        count=m,
+        momentum=1 - momentum,
+        eps=1e-3,
+    )
     assert converted.momentum == momentum
     assert converted.epsilon == 1e-3
     for a, b in zip(converted.get_weights(), layer.get_weights(), strict=True):
@@ -156,7 +162,8 @@ def test_from_pytorch_gives_the_keras_moving_statistics(
 
 def test_round_trips_both_ways():
     layer, running_mean, running_var = trained(30, (10, 4), 0.9, seed=5)
-    back = from_pytorch(to_pytorch(layer, count=10, steps=30), count=10)
+    exact = {"preserve": "statistics", "count": 10}
+    back = from_pytorch(to_pytorch(layer, steps=30, **exact), **exact)
     assert (back.momentum, back.epsilon) == (layer.momentum, layer.epsilon)
     for a, b in zip(back.get_weights(), layer.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-14)
@@ -167,20 +174,64 @@ def test_round_trips_both_ways():
         "running_var": running_var,
         "num_batches_tracked": 30,
     }
-    again = to_pytorch(from_pytorch(state, count=10), count=10, steps=30)
+    again = to_pytorch(from_pytorch(state, **exact), steps=30, **exact)
     for key in state:
         np.testing.assert_allclose(again[key], state[key], rtol=1e-14)
     assert again["momentum"] == pytest.approx(0.1, abs=1e-16)
     assert again["eps"] == 1e-5
 
 
+def pytorch_inference(state, x):
+    """torch.nn.BatchNorm*'s documented eval(): the running statistics."""
+    scale = state["weight"] / np.sqrt(state["running_var"] + state["eps"])
+    return (x - state["running_mean"]) * scale + state["bias"]
+
+
+def test_preserving_inference_keeps_the_outputs_both_ways():
+    layer, running_mean, running_var = trained(40, (12, 3), 0.95, seed=7)
+    x = stream(1, (20, 3), seed=8)[0]
+    state = to_pytorch(layer)  # preserve="inference"
+    np.testing.assert_array_equal(state["running_var"], layer.moving_variance)
+    assert state["num_batches_tracked"] == 0
+    np.testing.assert_allclose(
+        pytorch_inference(state, x), layer(x), rtol=1e-12, atol=1e-12
+    )
+    torch_state = {
+        "weight": layer.gamma,
+        "bias": layer.beta,
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "num_batches_tracked": 40,
+        "momentum": 0.05,
+        "eps": 1e-5,
+    }
+    keras_layer = from_pytorch(torch_state)
+    np.testing.assert_allclose(
+        keras_layer(x),
+        pytorch_inference(torch_state, x),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    # the same training run: the two frameworks' inference differs, and
+    # converting the statistics reproduces the other framework's outputs
+    keras_state = to_pytorch(layer, preserve="statistics", count=12, steps=40)
+    np.testing.assert_allclose(
+        keras_state["running_var"], running_var, rtol=1e-12
+    )
+    assert not np.allclose(
+        pytorch_inference(keras_state, x), layer(x), rtol=1e-3
+    )
+
+
 def test_float32_layers_stay_float32():
     layer = BatchNorm(momentum=0.9)
     for batch in stream(10, (16, 3)):
         layer(batch.astype(np.float32), training=True)
-    state = to_pytorch(layer, count=16, steps=10)
-    assert state["running_var"].dtype == np.float32
-    assert from_pytorch(state, count=16).moving_variance.dtype == np.float32
+    for preserve in ("inference", "statistics"):
+        state = to_pytorch(layer, preserve=preserve, count=16, steps=10)
+        assert state["running_var"].dtype == np.float32
+        back = from_pytorch(state, preserve=preserve, count=16)
+        assert back.moving_variance.dtype == np.float32
 
 
 def test_variance_conversion_limits():
@@ -236,6 +287,12 @@ def test_steps_to_forget():
         steps_to_forget(0.9, 1.5)
 
 
+def built_layer():
+    layer = BatchNorm()
+    layer.build((None, 3), dtype=np.float64)
+    return layer
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
@@ -273,6 +330,16 @@ def test_steps_to_forget():
         ),
         (lambda: match_epsilon(np.ones(2), 0.0, 1e-5), ValueError, "epsilon"),
         (lambda: to_pytorch("bn", count=4, steps=1), TypeError, "BatchNorm"),
+        (
+            lambda: to_pytorch(built_layer(), preserve="outputs"),
+            ValueError,
+            "preserve must be one of",
+        ),
+        (
+            lambda: to_pytorch(built_layer(), preserve="statistics"),
+            ValueError,
+            "needs count",
+        ),
         (
             lambda: to_pytorch(BatchNorm(), count=4, steps=1),
             ValueError,
@@ -333,11 +400,12 @@ def test_against_torch_itself():
             y_ref.permute(0, 2, 3, 1).detach().numpy(), y, rtol=1e-10
         )
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    converted = to_pytorch(layer, count=8 * 3 * 3, steps=steps)
+    exact = {"preserve": "statistics", "count": 8 * 3 * 3}
+    converted = to_pytorch(layer, steps=steps, **exact)
     for key in ("running_mean", "running_var"):
         np.testing.assert_allclose(converted[key], state[key], rtol=1e-10)
     assert int(state["num_batches_tracked"]) == steps
-    back = from_pytorch(state, count=8 * 3 * 3, momentum=1 - momentum)
+    back = from_pytorch(state, momentum=1 - momentum, **exact)
     np.testing.assert_allclose(
         back.moving_variance, layer.moving_variance, rtol=1e-10
     )
