@@ -318,6 +318,9 @@ OVERFLOW_JS = """
     .filter((pre) => pre.getClientRects().length > 0);
   return {
     total: boxes.length,
+    top: Math.min(...boxes
+      .filter((pre) => pre.scrollWidth > pre.clientWidth)
+      .map((pre) => pre.getBoundingClientRect().top + window.scrollY)),
     wide: boxes
       .filter((pre) => pre.scrollWidth > pre.clientWidth)
       .map((pre) => {
@@ -343,10 +346,14 @@ PHONE_JS = (
   const page = Math.max(
     document.documentElement.scrollWidth, document.body.scrollWidth);
   const culprits = [];
+  let top = 0;
   const walk = (parent) => {
     for (const el of parent.children) {
       if (culprits.length >= 5) return;
       if (el.getBoundingClientRect().right > width + 1) {
+        if (!culprits.length) {
+          top = el.getBoundingClientRect().top + window.scrollY;
+        }
         culprits.push(`<${el.tagName.toLowerCase()} class="${el.className}">`
           + ` ${el.textContent.trim().slice(0, 50)}`);
       } else if (getComputedStyle(el).overflowX === "visible") {
@@ -355,7 +362,7 @@ PHONE_JS = (
     }
   };
   if (page > width) walk(document.body);
-  return {width, page, culprits, distorted: distorted()};
+  return {width, page, culprits, top, distorted: distorted()};
 }
 """
 )
@@ -365,11 +372,36 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".html"))
 
 
-async def _screenshot(page: Any, name: str, suffix: str) -> Path:
+SHOT_HEIGHT = 6000
+"""Longest screenshot, in CSS pixels: a whole chapter at 390 px is ~100,000
+px tall, which Chromium renders in tiles for minutes. JPEG, because
+encoding a PNG of 1280 x 6000 pixels takes seconds."""
+
+
+async def _screenshot(
+    page: Any, name: str, suffix: str, focus: float = 0
+) -> str:
+    """Full-width screenshot of the page, from a little above ``focus``.
+
+    The whole page when it is at most SHOT_HEIGHT tall; else SHOT_HEIGHT
+    pixels from 1,000 above the first problem found (``focus``, in page
+    coordinates).
+    """
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{_slug(name)}-{suffix}.png"
-    await page.screenshot(path=str(path), full_page=True)
-    return path
+    path = SCREENSHOTS / f"{_slug(name)}-{suffix}.jpg"
+    width, height = await page.evaluate(
+        "() => [document.documentElement.scrollWidth,"
+        " document.documentElement.scrollHeight]"
+    )
+    if height <= SHOT_HEIGHT:
+        await page.screenshot(path=str(path), full_page=True, quality=80)
+        return str(path)
+    top = max(0, min(focus - 1000, height - SHOT_HEIGHT))
+    clip = {"x": 0, "y": top, "width": width, "height": SHOT_HEIGHT}
+    await page.screenshot(
+        path=str(path), full_page=True, clip=clip, quality=80
+    )
+    return f"{path} (page y {top:.0f} to {top + SHOT_HEIGHT:.0f})"
 
 
 def _snippets(pattern: re.Pattern[str], text: str, limit: int = 3) -> list:
@@ -443,7 +475,8 @@ async def check_page(context: Any, base: str, name: str) -> list[str]:
                 f"code block wider than its box at 1280 px: {wide}"
             )
         if problems:
-            shot = await _screenshot(page, name, "1280")
+            focus = boxes["top"] if boxes["wide"] else 0
+            shot = await _screenshot(page, name, "1280", focus)
             problems.append(f"screenshot at 1280 px: {shot}")
 
         await page.set_viewport_size(PHONE)
@@ -457,7 +490,7 @@ async def check_page(context: Any, base: str, name: str) -> list[str]:
                 f"phone; sticking out: {phone['culprits']}"
             )
         if phone["page"] > phone["width"] or phone["distorted"]:
-            shot = await _screenshot(page, name, "390")
+            shot = await _screenshot(page, name, "390", phone["top"])
             problems.append(f"screenshot at 390 px: {shot}")
     finally:
         await page.close()
@@ -544,7 +577,8 @@ async def _check_all(executable: str, base: str, jobs: list[str]) -> dict:
         context = await browser.new_context(
             viewport=DESKTOP, service_workers="block"
         )
-        context.set_default_timeout(60_000)
+        # Generous: a busy 2-core machine can take a minute for one page.
+        context.set_default_timeout(180_000)
 
         async def tab() -> None:
             while pending:
