@@ -26,7 +26,8 @@ T_2 = 4.302652729911275
 """Student's t quantile t(0.975, 2 degrees of freedom), from a table: the
 95 % interval of a mean over three seeds is mean +- T_2 * s / sqrt(3)."""
 N_TEST = 100
-CONFIG = gf.CONFIG_CI  # depths 2, 5, 10, 20; threshold 0.5; margin 5 layers
+# depths 2, 5, 10, 20; threshold 0.5; margin 5 layers; with the He arm
+CONFIG = {**gf.CONFIG_CI, "he_baseline": True}
 TRAINED, FAILED = 0.9, 0.2  # far from the threshold: no bootstrap flips them
 
 
@@ -86,7 +87,13 @@ def effects(config=CONFIG) -> dict:
 # ------------------------------------------------------------------ helpers
 def test_arms_and_run_names():
     assert gf.arms("relu") == ["none", "before", "none_he"]
+    assert gf.arms("relu", he_baseline=False) == ["none", "before"]
     assert gf.arms("sigmoid") == ["none", "before"]
+    # The He arm only at test and full scale: at CI scale (300 steps) the
+    # He network at 20 layers trains on some seeds and not on others.
+    ci_claims = [m.claim.key for m in gf.measures(gf.CONFIG_CI)]
+    assert ci_claims == ["relu_depth", "sigmoid_depth"]
+    assert not gf.CONFIG_CI["he_baseline"] and gf.CONFIG_FULL["he_baseline"]
     assert gf.run_name("relu", "before", 20) == "relu/before/d20"
 
 

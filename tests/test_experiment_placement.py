@@ -21,7 +21,7 @@ from companion.nn import Sigmoid
 
 NAME = "placement"
 N_TEST = 100
-CONFIG = pl.CONFIG_CI  # ReLU and sigmoid, learning rates 0.1 and 1
+CONFIG = pl.CONFIG_FULL  # ReLU and sigmoid, learning rates 0.1 and 1
 STATISTICS = (
     "low_gradient",
     "activation_input_rms",
@@ -83,7 +83,7 @@ def _judge(per_seed: list[dict]) -> dict:
 
 # ------------------------------------------------------------------ helpers
 def test_arms_follow_the_config():
-    assert pl.arms(CONFIG, "relu") == ["before", "after"]
+    assert pl.arms(pl.CONFIG_CI, "relu") == ["before", "after"]
     full = pl.CONFIG_FULL
     assert pl.arms(full, "relu") == ["none", "before", "after"]
     assert pl.arms(full, "sigmoid") == [
@@ -207,7 +207,7 @@ def test_hidden_statistics_leave_the_moving_averages_alone():
 
 
 # ---------------------------------------------------------- claim effects
-def test_placement_gain_is_the_mean_over_the_learning_rates():
+def test_placement_gain_per_nonlinearity_and_learning_rate():
     eff = effects()
     runs = seed_runs(
         relu={"before": [0.95, None], "after": [0.90, 0.85]},
@@ -217,45 +217,52 @@ def test_placement_gain_is_the_mean_over_the_learning_rates():
         name: 0.1 if r["diverged"] else r["final_test_accuracy"]
         for name, r in runs.items()
     }
-    # relu: (+5 - 75) / 2; a diverged "before" scores chance (0.1)
-    assert eff["relu_placement"](acc) == pytest.approx(-35.0)
-    assert eff["sigmoid_placement"](acc) == pytest.approx(2.0)  # (0 + 4) / 2
+    assert eff["relu_lr0.1"](acc) == pytest.approx(5.0)
+    # a diverged "before" scores chance (0.1): 10 - 85
+    assert eff["relu_lr1"](acc) == pytest.approx(-75.0)
+    assert eff["sigmoid_lr0.1"](acc) == pytest.approx(0.0)
+    assert eff["sigmoid_lr1"](acc) == pytest.approx(4.0)
 
 
-def test_one_claim_per_activation():
+def test_one_claim_per_nonlinearity_and_learning_rate():
     got = {
         m.claim.key: (m.claim.role, m.claim.unit, m.claim.margin)
         for m in pl.measures(CONFIG)
     }
     margin = CONFIG["margin_points"]
-    assert got == {
-        "relu_placement": ("claim", "points", margin),
-        "sigmoid_placement": ("claim", "points", margin),
-    }
+    assert got == dict.fromkeys(
+        ("relu_lr0.1", "relu_lr1", "sigmoid_lr0.1", "sigmoid_lr1"),
+        ("claim", "points", margin),
+    )
     relu = pl.measures({**CONFIG, "activations": ["relu"]})
-    assert [m.claim.key for m in relu] == ["relu_placement"]
+    assert [m.claim.key for m in relu] == ["relu_lr0.1", "relu_lr1"]
+    assert pl.claim_key("sigmoid", 1.0) == "sigmoid_lr1"
+    # CI scale: the rate where the placement matters, ten seeds
+    ci = [m.claim.key for m in pl.measures(pl.CONFIG_CI)]
+    assert ci == ["relu_lr1", "sigmoid_lr1"] and pl.CI_SEEDS == 10
 
 
 # ------------------------------------------------------ verdicts, by hand
 def test_verdicts_of_three_outcomes():
     # relu: "before" gets every image right, "after" none, at both rates:
     # +100 points on every seed, supported; swapped: contradicted.
-    # sigmoid: each placement wins one rate by 100 points: 0, inconclusive
-    sigmoid = {"before": [1.0, 0.0], "after": [0.0, 1.0]}
+    # sigmoid at 0.1: equal, 0, inconclusive
+    sigmoid = {"before": [1.0, 0.0], "after": [1.0, 1.0]}
     runs = seed_runs(
         relu={"before": [1.0, 1.0], "after": [0.0, 0.0]}, sigmoid=sigmoid
     )
     v = _judge([runs] * 3)
-    assert v["relu_placement"]["effects"] == [100.0] * 3
-    assert v["relu_placement"]["low"] == 100.0
-    assert v["relu_placement"]["outcome"] == "supported"
-    assert v["sigmoid_placement"]["effects"] == [0.0] * 3
-    assert v["sigmoid_placement"]["high"] == 0.0
-    assert v["sigmoid_placement"]["outcome"] == "inconclusive"
+    assert v["relu_lr1"]["effects"] == [100.0] * 3
+    assert v["relu_lr1"]["low"] == 100.0
+    assert v["relu_lr1"]["outcome"] == "supported"
+    assert v["sigmoid_lr0.1"]["effects"] == [0.0] * 3
+    assert v["sigmoid_lr0.1"]["high"] == 0.0
+    assert v["sigmoid_lr0.1"]["outcome"] == "inconclusive"
+    assert v["sigmoid_lr1"]["outcome"] == "contradicted"
     runs = seed_runs(
         relu={"before": [0.0, 0.0], "after": [1.0, 1.0]}, sigmoid=sigmoid
     )
-    v = _judge([runs] * 3)["relu_placement"]
+    v = _judge([runs] * 3)["relu_lr0.1"]
     assert (v["effect"], v["high"]) == (-100.0, -100.0)
     assert v["outcome"] == "contradicted"
 
@@ -279,13 +286,16 @@ def test_the_verdict_is_symmetric_in_the_two_placements():
         return seeds
 
     v, w = _judge(runs(False)), _judge(runs(True))
-    for key in ("relu_placement", "sigmoid_placement"):
-        # by hand: the mean of the per-rate differences, in points
-        assert v[key]["effects"] == pytest.approx([-3.0, 17.5, 3.5])
-        assert w[key]["effects"] == pytest.approx([3.0, -17.5, -3.5])
-        assert w[key]["low"] == pytest.approx(-v[key]["high"])
-        assert w[key]["high"] == pytest.approx(-v[key]["low"])
-        assert v[key]["outcome"] == w[key]["outcome"] == "inconclusive"
+    # by hand, per rate, in points: before - after
+    expected = {"lr0.1": [4.0, 5.0, -3.0], "lr1": [-10.0, 30.0, 10.0]}
+    for activation in ("relu", "sigmoid"):
+        for rate, effects_ in expected.items():
+            key = f"{activation}_{rate}"
+            assert v[key]["effects"] == pytest.approx(effects_)
+            assert w[key]["effects"] == pytest.approx([-e for e in effects_])
+            assert w[key]["low"] == pytest.approx(-v[key]["high"])
+            assert w[key]["high"] == pytest.approx(-v[key]["low"])
+            assert v[key]["outcome"] == w[key]["outcome"] == "inconclusive"
 
 
 # ------------------------------------------ the shared test-scale result
@@ -313,7 +323,12 @@ def test_runs_arms_and_twins_of_the_test_scale_result(test_scale):
                     expected.add(name + TWIN)
     for per_seed in res["runs"]:
         assert set(per_seed) == expected
-    assert set(res["verdicts"]) == {"relu_placement", "sigmoid_placement"}
+    assert set(res["verdicts"]) == {
+        "relu_lr0.1",
+        "relu_lr1",
+        "sigmoid_lr0.1",
+        "sigmoid_lr1",
+    }
 
 
 def test_records_have_statistics_per_hidden_layer(test_scale):
@@ -373,26 +388,25 @@ def test_steps_to_threshold_agree_with_the_curves(test_scale):
                 assert value is None, name
 
 
-def test_stored_effects_are_the_mean_gains_of_the_records(test_scale):
+def test_stored_effects_are_the_gains_of_the_records(test_scale):
     result = test_scale(NAME)
-    res, n = result["results"], len(result["config"]["learning_rates"])
+    res = result["results"]
 
     def acc(run):
         return 0.1 if run["diverged"] else run["final_test_accuracy"]
 
     for activation in result["config"]["activations"]:
-        by_hand = [
-            100
-            * sum(
-                acc(runs[f"{activation}/before/lr{i}"])
-                - acc(runs[f"{activation}/after/lr{i}"])
-                for i in range(n)
-            )
-            / n
-            for runs in res["runs"]
-        ]
-        stored = res["verdicts"][f"{activation}_placement"]["effects"]
-        assert stored == pytest.approx(by_hand), activation
+        for i, lr in enumerate(result["config"]["learning_rates"]):
+            by_hand = [
+                100
+                * (
+                    acc(runs[f"{activation}/before/lr{i}"])
+                    - acc(runs[f"{activation}/after/lr{i}"])
+                )
+                for runs in res["runs"]
+            ]
+            stored = res["verdicts"][pl.claim_key(activation, lr)]["effects"]
+            assert stored == pytest.approx(by_hand), (activation, lr)
 
 
 # ------------------------------------------------- behaviour, tiny runs

@@ -138,6 +138,7 @@ def run_experiment(
     command += f" --seeds {len(seed_list)}"
     if seed_list != list(range(len(seed_list))):
         command += f" --first-seed {seed_list[0]}"
+    origin = provenance(command)  # the code as it is when the run starts
     start = time.perf_counter()
     results = module.run(config, seed_list)
     return {
@@ -147,7 +148,7 @@ def run_experiment(
         "config": config,
         "seeds": seed_list,
         "command": command,
-        "provenance": provenance(command),
+        "provenance": origin,
         "wall_time_s": round(time.perf_counter() - start, 1),
         "results": results,
     }

@@ -55,6 +55,7 @@ from companion.stats import Claim
 from companion.training import mlp, train
 
 __all__ = [
+    "CI_SEEDS",
     "CONFIG_CI",
     "CONFIG_FULL",
     "CONFIG_TEST",
@@ -65,6 +66,7 @@ __all__ = [
     "CenteredSigmoid",
     "arms",
     "build",
+    "claim_key",
     "hidden_statistics",
     "low_gradient_fraction",
     "mean_abs_skewness",
@@ -99,6 +101,7 @@ CONFIG_TEST: dict[str, Any] = {
 CONFIG_CI: dict[str, Any] = {
     **CONFIG_TEST,
     "hidden": [100, 100, 100],
+    "learning_rates": [1.0],
     "steps": 600,
     "eval_every": 50,
     "threshold": 0.9,
@@ -108,6 +111,7 @@ CONFIG_CI: dict[str, Any] = {
 }
 CONFIG_FULL: dict[str, Any] = {
     **CONFIG_CI,
+    "learning_rates": [0.1, 1.0],
     "steps": 5000,
     "eval_every": 100,
     "reference": True,
@@ -115,9 +119,15 @@ CONFIG_FULL: dict[str, Any] = {
     "twins": True,
 }
 
+CI_SEEDS = 10
+"""Seeds of the CI run.  With five, the interval of the sigmoid claim
+(after beats before by about 3.5 points, with one seed at 8) straddled the
+margin on some sets of seeds and not on others; ten make the verdict
+stable (tests/test_robustness.py checks it with ten other seeds)."""
+
 EXPECTED_CI = {
-    "relu_placement": "inconclusive",
-    "sigmoid_placement": "inconclusive",
+    "relu_lr1": "inconclusive",
+    "sigmoid_lr1": "contradicted",
 }
 """What chapter 13 states for the CI-scale run (and ``make robustness``
 checks with other seeds)."""
@@ -416,40 +426,46 @@ def _none_for_nan(values: Sequence[float]) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values]
 
 
-def measures(config: Mapping[str, Any]) -> list[Measure]:
-    """The chapter's claims, stated before the runs, and their effects."""
-    arch = "-".join(["784", *map(str, config["hidden"]), "10"])
-    lrs = config["learning_rates"]
-    rates = ", ".join(f"{lr:g}" for lr in lrs)
+def claim_key(activation: str, lr: float) -> str:
+    """The key of the claim for one nonlinearity and learning rate."""
+    return f"{activation}_lr{lr:g}"
 
-    def effect(activation: str) -> Any:
+
+def measures(config: Mapping[str, Any]) -> list[Measure]:
+    """The chapter's claims, stated before the runs, and their effects.
+
+    One claim per nonlinearity and learning rate: the effect of the
+    placement depends on the learning rate (chapter 13 shows it), and an
+    average over rates would mix a null effect with a real one.
+    """
+    arch = "-".join(["784", *map(str, config["hidden"]), "10"])
+    names = {"relu": "ReLU", "sigmoid": "sigmoid"}
+
+    def effect(activation: str, index: int) -> Any:
         def placement_gain(acc: Mapping[str, float]) -> float:
-            gains = [
-                acc[run_name(activation, "before", i)]
-                - acc[run_name(activation, "after", i)]
-                for i in range(len(lrs))
-            ]
-            return 100.0 * float(np.mean(gains))
+            before = acc[run_name(activation, "before", index)]
+            after = acc[run_name(activation, "after", index)]
+            return 100.0 * (before - after)
 
         return placement_gain
 
-    names = {"relu": "ReLU", "sigmoid": "sigmoid"}
     return [
         Measure(
             Claim(
-                f"{activation}_placement",
+                claim_key(activation, lr),
                 f"Batch norm works better before the {names[activation]} "
                 "(Dense -> BN -> f, the paper's placement) than after it "
-                "(Dense -> f -> BN)",
+                f"(Dense -> f -> BN), at learning rate {lr:g}",
                 f"final test accuracy of a {arch} {names[activation]} MLP "
-                f"after {config['steps']} plain-SGD steps, BN before minus "
-                f"BN after, mean over the learning rates {rates}",
+                f"after {config['steps']} plain-SGD steps at learning rate "
+                f"{lr:g}: BN before minus BN after",
                 "points",
                 config["margin_points"],
             ),
-            effect(activation),
+            effect(activation, index),
         )
         for activation in config["activations"]
+        for index, lr in enumerate(config["learning_rates"])
     ]
 
 
