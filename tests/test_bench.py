@@ -57,6 +57,7 @@ def test_the_command_line_runs_and_writes_its_json(tiny_run):
         "machine",
         "settings",
         "kernels",
+        "matmul",
         "steps",
     }
     assert result["settings"] == {"repeats": 2, "warmup": 1, "quick": False}
@@ -76,8 +77,12 @@ def test_the_command_line_runs_and_writes_its_json(tiny_run):
         "blocked_threads",
         "load_before",
         "load_after",
+        "environment",
     ):
         assert machine[key] not in (None, ""), key
+    assert [r["dtype"] for r in result["matmul"]] == ["float32", "float64"]
+    for r in result["matmul"]:
+        assert r["flops"] == 2 * r["size"] ** 3 and len(r["seconds"]) == 2
 
 
 @pytest.mark.tf
@@ -148,7 +153,10 @@ def test_the_report_prints_every_column(tiny_run):
     for column in ("median ms", "quartiles ms", "GB/s", "roofline"):
         assert column in detail.splitlines()[0]
     tables = [b for b in text.split("\n\n") if b.startswith("|")]
-    assert len(tables) == 2 * 3 + 1 + 2  # summaries, steps, cases
+    assert len(tables) == 1 + 2 * 3 + 1 + 2  # roofs, summaries, steps, cases
+    roofs = bench_report.roofs_table(result)
+    assert roofs in text and "| ND 16×5 float32 |" in roofs
+    assert "ridge flop/byte" in roofs.splitlines()[0]
     for table in tables:
         widths = {line.count("|") for line in table.splitlines()}
         assert len(widths) == 1, table
@@ -186,6 +194,10 @@ def test_derived_columns_from_a_hand_made_result():
     assert rows["tf_fused"]["roofline"] == pytest.approx(2.0)
     assert rows["reference"]["vs_tf"] == pytest.approx(3.0)
     assert rows["reference"]["gbps"] == pytest.approx(8 * 32_000 / 8e-3 / 1e9)
+    # 8,000 float32 values, 14 flops each, in 8 ms; over 8 passes of 32 kB
+    assert rows["reference"]["gflops"] == pytest.approx(14 * 8000 / 8e-3 / 1e9)
+    assert rows["reference"]["intensity"] == pytest.approx(14 / 32)
+    assert rows["numpy"]["gflops"] is None
     assert rows["numpy"]["vs_tf"] is None
 
 

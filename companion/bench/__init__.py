@@ -38,7 +38,9 @@ from companion.bench._timing import interleaved, quartiles
 from companion.bench.kernels import (
     COPY_PASSES,
     KERNELS,
+    MATMUL_SIZE,
     Case,
+    matmul_kernel,
     numpy_kernels,
     tensorflow_kernels,
 )
@@ -63,6 +65,15 @@ CASES = tuple(
 QUICK_CASES = tuple(c for c in CASES if c.dtype == "float32")
 """``--quick``: float32 only."""
 REPEATS, QUICK_REPEATS, WARMUP = 15, 10, 2
+_ENVIRONMENT = (
+    "TF_DETERMINISTIC_OPS",
+    "TF_ENABLE_ONEDNN_OPTS",
+    "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+)
+"""Environment variables that change the kernels or their threads."""
 
 
 def _load() -> float | None:
@@ -109,10 +120,11 @@ def run(
     Keys: ``provenance``, ``machine``, ``settings``, ``kernels`` (one
     record per case, kernel and implementation: ``layout``, ``shape``,
     ``dtype``, ``kernel``, ``implementation``, ``passes``, ``bytes``,
-    ``seconds`` per round, ``median``, ``q1``, ``q3``) and ``steps`` (one
-    per step and implementation: ``step``, ``implementation`` and the
-    times).  The kernels of a case are timed together, interleaved, and
-    so are the implementations of a step.
+    ``seconds`` per round, ``median``, ``q1``, ``q3``), ``matmul`` (per
+    dtype, a matrix product: the compute roof, ``flops`` per call) and
+    ``steps`` (one per step and implementation: ``step``,
+    ``implementation`` and the times).  The kernels of a case are timed
+    together, interleaved, and so are the implementations of a step.
     """
     from companion.tf_env import import_tensorflow
 
@@ -139,6 +151,20 @@ def run(
             )
         del kernels, times
         gc.collect()
+    say("timing the compute roof (matrix product)")
+    dtypes = list(dict.fromkeys(case.dtype for case in cases))
+    matmul_times = interleaved(
+        {dtype: matmul_kernel(dtype) for dtype in dtypes}, repeats, warmup
+    )
+    roofs = [
+        {
+            "dtype": dtype,
+            "size": MATMUL_SIZE,
+            "flops": 2 * MATMUL_SIZE**3,
+            **_summary(seconds),
+        }
+        for dtype, seconds in matmul_times.items()
+    ]
     step_records = []
     for name in steps:
         say(f"timing the {name} training step")
@@ -165,12 +191,16 @@ def run(
         "blocked_threads": _fast_bn.threads(),
         "load_before": load_before,
         "load_after": _load(),
+        "environment": {
+            k: os.environ[k] for k in _ENVIRONMENT if k in os.environ
+        },
     }
     return {
         "provenance": origin,
         "machine": machine,
         "settings": {"repeats": repeats, "warmup": warmup},
         "kernels": records,
+        "matmul": roofs,
         "steps": step_records,
     }
 

@@ -44,9 +44,12 @@ from companion.functional import (
 from companion.layers import BatchNorm
 
 __all__ = [
+    "FLOPS",
     "IMPLEMENTATIONS",
     "KERNELS",
+    "MATMUL_SIZE",
     "Case",
+    "matmul_kernel",
     "numpy_kernels",
     "tensorflow_kernels",
 ]
@@ -54,6 +57,11 @@ __all__ = [
 KERNELS = {"train": 8, "forward": 3, "inference": 2}
 """Each kernel and its least memory traffic, in passes over the tensor."""
 COPY_PASSES = 2
+FLOPS = {"train": 14, "forward": 7, "inference": 2}
+"""Arithmetic per value: the forward's sum, centering, square, sum,
+scaling by 1/sigma, by gamma and the shift (7); the backward's two sums
+(one of products) and dx's subtract, multiply, subtract, multiply (7);
+inference's folded a x + b (2)."""
 IMPLEMENTATIONS = (
     "reference",
     "staged",
@@ -125,6 +133,19 @@ def _arrays(case: Case, seed: int) -> dict[str, np.ndarray]:
         "mean": rng.normal(0.5, 0.1, size=c).astype(dtype),
         "var": rng.uniform(3.0, 5.0, size=c).astype(dtype),
     }
+
+
+MATMUL_SIZE = 1024
+"""The compute roof: a float matrix product of this size (2 n^3 flops),
+numpy's BLAS on its default threads."""
+
+
+def matmul_kernel(dtype: str, size: int = MATMUL_SIZE) -> Kernel:
+    """``a @ b`` of two ``size`` x ``size`` matrices into a buffer."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(size, size)).astype(dtype) for _ in range(2))
+    out = np.empty_like(a)
+    return lambda: np.matmul(a, b, out=out)
 
 
 def numpy_kernels(case: Case, seed: int = 0) -> dict[tuple[str, str], Kernel]:

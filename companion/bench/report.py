@@ -14,7 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from companion.bench._timing import paired_ratio
-from companion.bench.kernels import COPY_PASSES, IMPLEMENTATIONS, KERNELS
+from companion.bench.kernels import (
+    COPY_PASSES,
+    FLOPS,
+    IMPLEMENTATIONS,
+    KERNELS,
+)
 from companion.bench.steps import STEP_IMPLEMENTATIONS, STEPS
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "kernel_rows",
     "machine_lines",
     "render",
+    "roofs_table",
     "steps_table",
     "summary_table",
 ]
@@ -64,8 +70,10 @@ def _case_label(key: tuple[str, tuple[int, ...], str]) -> str:
 
 def kernel_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every kernel record with ``roofline`` (fraction of the copy's
-    bandwidth), ``gbps`` (least traffic / median time) and ``vs_tf``
-    (paired ratio to TF's fused kernel, None where it did not run)."""
+    bandwidth), ``gbps`` (least traffic / median time), ``gflops``
+    (arithmetic / median time; None for the copy), ``intensity`` (flops
+    per byte of least traffic; None for the copy) and ``vs_tf`` (paired
+    ratio to TF's fused kernel, None where it did not run)."""
     records = result["kernels"]
     copies = {
         _key(r): r for r in records if r["kernel"] == "copy"
@@ -80,6 +88,16 @@ def kernel_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         row = dict(r)
         copy = copies.get(_key(r))
         row["gbps"] = r["passes"] * r["bytes"] / r["median"] / 1e9
+        flops = FLOPS.get(r["kernel"])
+        values = r["bytes"] // (4 if r["dtype"] == "float32" else 8)
+        row["gflops"] = (
+            None if flops is None else flops * values / r["median"] / 1e9
+        )
+        row["intensity"] = (
+            None
+            if flops is None
+            else flops * values / (r["passes"] * r["bytes"])
+        )
         row["roofline"] = (
             None
             if copy is None
@@ -236,6 +254,9 @@ def machine_lines(result: Mapping[str, Any]) -> list[str]:
     """The machine and the settings, one fact per line."""
     m = result["machine"]
     s = result["settings"]
+    environment = ", ".join(
+        f"{k}={v}" for k, v in m.get("environment", {}).items()
+    )
     return [
         f"CPU: {m['cpu']} ({m['cpus']} CPUs usable)",
         f"numpy {m['numpy']}, BLAS: {m['blas']} ({m['blas_threads']} threads)",
@@ -247,14 +268,46 @@ def machine_lines(result: Mapping[str, Any]) -> list[str]:
             "-" if v is None else f"{v:.2f}"
             for v in (m["load_before"], m["load_after"])
         ),
+        f"environment: {environment or 'no kernel settings'}",
         f"medians of {s['repeats']} interleaved rounds after "
         f"{s['warmup']} warm-up calls",
     ]
 
 
+def roofs_table(result: Mapping[str, Any]) -> str:
+    """The two roofs: the copy's bandwidth per case (memory) and a matrix
+    product's arithmetic rate per dtype (compute), with the ridge point
+    (the arithmetic intensity where the two meet)."""
+    compute = {
+        r["dtype"]: r["flops"] / r["median"] / 1e9 for r in result["matmul"]
+    }
+    body = []
+    for r in result["kernels"]:
+        if r["kernel"] != "copy":
+            continue
+        gbps = COPY_PASSES * r["bytes"] / r["median"] / 1e9
+        gflops = compute.get(r["dtype"])
+        body.append(
+            [
+                _case_label(_key(r)),
+                f"{gbps:.1f}",
+                _maybe(gflops, "{:.0f}"),
+                _maybe(None if gflops is None else gflops / gbps, "{:.0f}"),
+            ]
+        )
+    header = [
+        "roofs",
+        "memory: numpy copy GB/s",
+        "compute: matrix product GFLOP/s",
+        "ridge flop/byte",
+    ]
+    return _table(header, body)
+
+
 def render(result: Mapping[str, Any]) -> str:
-    """The whole report as text: machine, summaries, per-case tables."""
-    parts = ["\n".join(machine_lines(result))]
+    """The whole report as text: machine, roofs, summaries, per-case
+    tables."""
+    parts = ["\n".join(machine_lines(result)), roofs_table(result)]
     dtypes = list(dict.fromkeys(r["dtype"] for r in result["kernels"]))
     for dtype in dtypes:
         for kernel in KERNELS:
