@@ -244,13 +244,20 @@ def _blocked(array: np.ndarray, kept: int) -> _Layout | None:
 
 
 def _moments(xv: np.ndarray, lay: _Layout) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance of the view, in float64."""
+    """Per-channel mean and biased variance of the view, in float64.
+
+    Each block is centered on its own (float32) mean c; the sums of the
+    deviations t = x - c (exact in floating point for x near c) and of
+    their squares are merged in float64.  The raw sums of x would lose
+    the low digits of a large mean (a float32 partial sum of values
+    near 1e4 has an ulp of 1/64).
+    """
     blocks = lay.blocks
     size = len(blocks)
-    totals = np.empty((size, lay.channels))
     centers = np.empty((size, lay.channels))
     counts = np.empty((size, 1))
-    squares = np.empty((size, lay.channels))
+    s1 = np.empty((size, lay.channels))
+    s2 = np.empty((size, lay.channels))
     per_row = lay.lanes * lay.inner
 
     def work(indices: range) -> None:
@@ -260,19 +267,18 @@ def _moments(xv: np.ndarray, lay: _Layout) -> tuple[np.ndarray, np.ndarray]:
             start, stop = blocks[i]
             block, t = xv[start:stop], buffer[: stop - start]
             n = (stop - start) * per_row
-            totals[i] = _channel_sums(block, lay)
-            center = (totals[i] / n).astype(xv.dtype)
+            center = (_channel_sums(block, lay) / n).astype(xv.dtype)
             _spread_into(center_row, center, lay)
             np.subtract(block, center_row, out=t)
-            squares[i] = _channel_dots(t, t, lay)
+            s1[i] = _channel_sums(t, lay)
+            s2[i] = _channel_dots(t, t, lay)
             centers[i], counts[i] = center, n
 
     _each_block(work, size)
     m = lay.rows * per_row
-    mean = totals.sum(axis=0) / m
-    s1 = totals - counts * centers  # sum of (x - center), per block
+    mean = (counts * centers + s1).sum(axis=0) / m
     d = centers - mean
-    m2 = (squares + 2.0 * d * s1 + counts * d * d).sum(axis=0)
+    m2 = (s2 + 2.0 * d * s1 + counts * d * d).sum(axis=0)
     return mean, np.maximum(m2, 0.0) / m
 
 

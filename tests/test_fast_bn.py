@@ -174,9 +174,10 @@ def test_above_the_threshold_equal_to_the_reference_to_float_precision(
 def test_float32_statistics_are_a_few_ulp_from_the_exact_ones(shape, axis):
     """The blocked sums (float32 parts of <= 64 terms, merged in float64)
     are as accurate as the reference's float64 accumulation, also when
-    the mean is 1,000 standard deviations from 0 (where E[x^2] - E[x]^2
-    would lose every digit)."""
-    for loc, scale in [(0.5, 2.0), (1000.0, 1.0)]:
+    the mean is 10^4 or 10^6 standard deviations from 0 (where
+    E[x^2] - E[x]^2 would lose every digit; the blocks' raw float32 sums
+    would lose the mean's low digits)."""
+    for loc, scale in [(0.5, 2.0), (1e4, 1.0), (1e6, 1.0)]:
         x, gamma, beta, dy = _data(shape, axis, np.float32, 6, loc, scale)
         _, cache, _ = _fast(x, gamma, beta, dy, axis)
         _kept, reduce_axes, _ = _args(shape, axis)
