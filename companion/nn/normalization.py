@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from companion import _state_file
+from companion import _fast_bn, _state_file
 from companion._validation import (
     as_float_array,
     channel_axis,
@@ -57,8 +57,6 @@ from companion.batch_renorm import _backward as _renorm_backward
 from companion.batch_renorm import _forward as _renorm_forward
 from companion.functional import (
     BatchNormCache,
-    _training_backward,
-    _training_forward,
     batchnorm_inference,
     batchnorm_inference_backward,
 )
@@ -368,11 +366,13 @@ class BatchNorm(Layer):
         if self.renorm or self.virtual_batch_size is not None:
             return self._small_batch_forward(x, gamma, beta)
         # batchnorm_forward's arithmetic: __call__ has checked x
-        # (_check_input) and gamma, beta are the layer's own arrays.
+        # (_check_input) and gamma, beta are the layer's own arrays.  From
+        # 4,096 values per channel it runs in cache-sized blocks
+        # (companion._fast_bn, chapter 19); below, it is the same code.
         kept = self.axis % x.ndim
         reduce_axes = tuple(i for i in range(x.ndim) if i != kept)
         shape = tuple(x.shape[i] if i == kept else 1 for i in range(x.ndim))
-        y, cache = _training_forward(
+        y, cache = _fast_bn.training_forward(
             x, gamma, beta, kept, reduce_axes, shape, self.epsilon
         )
         keep = self.momentum
@@ -493,7 +493,7 @@ class BatchNorm(Layer):
             dx, dgamma, dbeta = _renorm_backward(dy, cache)
         else:  # batchnorm_backward's arithmetic; backward() checked dy
             dy = dy.astype(cache.x_hat.dtype, copy=False)
-            dx, dgamma, dbeta = _training_backward(dy, cache)
+            dx, dgamma, dbeta = _fast_bn.training_backward(dy, cache)
         grads = {"gamma": dgamma, "beta": dbeta}
         return dx, {name: grads[name] for name in self.trainable_names()}
 
