@@ -258,6 +258,7 @@ def _stored_text(cell: Any) -> str:
     return "".join(parts)
 
 
+@pytest.mark.tf  # chapter 1's setup cell imports TensorFlow
 def test_chapter_one_runs_its_first_cells_in_the_project_kernel(
     kernel: Kernel,
 ):
