@@ -383,14 +383,14 @@ class BatchNorm(Layer):
     def _small_batch_forward(
         self, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray
     ) -> tuple[np.ndarray, RenormCache]:
-        """Training with ``renorm`` and/or ``virtual_batch_size``.
+        r"""Training with ``renorm`` and/or ``virtual_batch_size``.
 
         The moving statistics are updated as tf-keras does: from the batch
         statistics (with ghost batches, the means over the ghost batches
         of their means and variances); with renorm, the standard
-        deviations :math:`\\sqrt{\\sigma_B^2 + \\epsilon}` are averaged
-        and ``moving_variance`` is :math:`\\max(0,
-        \text{moving\\_stddev}^2 - \\epsilon)`.
+        deviations :math:`\sqrt{\sigma_B^2 + \epsilon}` are averaged
+        and ``moving_variance`` is :math:`\max(0,
+        \text{moving\_stddev}^2 - \epsilon)`.
         """
         correct = None
         if self.renorm:
