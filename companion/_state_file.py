@@ -4,10 +4,13 @@ One file holds, as plain arrays (read with ``allow_pickle=False``):
 
 * ``format_version`` -- a 0-d integer, :data:`FORMAT_VERSION`;
 * ``config`` -- a 0-d string, JSON: the layer's constructor arguments
-  (``axis``, ``momentum``, ``epsilon``, ``center``, ``scale``) and the
-  ``dtype`` of its arrays;
+  (``axis``, ``momentum``, ``epsilon``, ``center``, ``scale``, and
+  ``renorm``, ``renorm_clipping``, ``renorm_momentum``,
+  ``virtual_batch_size`` when they are set) and the ``dtype`` of its
+  arrays;
 * the layer's arrays under their names (``gamma``, ``beta``,
-  ``moving_mean``, ``moving_variance``, less those the layer drops).
+  ``moving_mean``, ``moving_variance``, less those the layer drops; with
+  renorm also ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``).
 
 :func:`read` checks everything before it returns, so that a layer that
 loads a file is either fully updated or unchanged.
@@ -32,6 +35,7 @@ from companion._validation import (
     check_momentum,
     describe,
 )
+from companion.batch_renorm import check_renorm_clipping
 
 __all__ = ["FORMAT_VERSION", "check_arrays", "read", "read_config", "write"]
 
@@ -46,6 +50,17 @@ _CONFIG_CHECKS = {
     "center": lambda value: check_bool(value, "center"),
     "scale": lambda value: check_bool(value, "scale"),
 }
+_OPTIONAL_CHECKS = {
+    "renorm": lambda value: check_bool(value, "renorm"),
+    "renorm_clipping": check_renorm_clipping,
+    "renorm_momentum": check_momentum,
+    "virtual_batch_size": lambda value: check_int(
+        value, "virtual_batch_size", low=1
+    ),
+}
+"""Keys a config holds only when the option is set (chapter 16's options,
+as ``BatchNorm.get_config`` emits them); files without them are read as
+before."""
 
 
 def _path(path: Any) -> Path:
@@ -218,12 +233,18 @@ def _parse_config(
         if not isinstance(document, dict):
             raise ValueError(f"expected a JSON object; received {document!r}")
         expected = [*_CONFIG_CHECKS, "dtype"]
-        if sorted(document) != sorted(expected):
+        missing = sorted(set(expected) - set(document))
+        unknown = sorted(set(document) - set(expected) - set(_OPTIONAL_CHECKS))
+        if missing or unknown:
             raise ValueError(
-                f"expected the keys {expected}; received {sorted(document)}"
+                f"expected the keys {expected} (and optionally "
+                f"{list(_OPTIONAL_CHECKS)}); received {sorted(document)}"
             )
+        checks = {**_CONFIG_CHECKS, **_OPTIONAL_CHECKS}
         config = {
-            key: check(document[key]) for key, check in _CONFIG_CHECKS.items()
+            key: check(document[key])
+            for key, check in checks.items()
+            if key in document
         }
         dtype = np.dtype(document["dtype"])
         if dtype.kind != "f" or dtype.itemsize < 4:
@@ -264,10 +285,11 @@ def read(
     state = _load(source, label)
     _check_version(state, label)
     file_config, file_dtype = _parse_config(state, label)
-    differ = [key for key in config if file_config[key] != config[key]]
+    keys = [*config, *(key for key in file_config if key not in config)]
+    differ = [key for key in keys if file_config.get(key) != config.get(key)]
     if differ:
-        saved = ", ".join(f"{key}={file_config[key]!r}" for key in differ)
-        mine = ", ".join(f"{key}={config[key]!r}" for key in differ)
+        saved = ", ".join(f"{key}={file_config.get(key)!r}" for key in differ)
+        mine = ", ".join(f"{key}={config.get(key)!r}" for key in differ)
         raise ValueError(
             f"{label} was saved by a BatchNorm with {saved}; this layer has "
             f"{mine}; use BatchNorm.from_file(path) for a layer with the "

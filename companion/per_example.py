@@ -26,7 +26,7 @@ returns the output and a cache, ``backward(dy, cache)`` returns ``dx``,
 ``dgamma``, ``dbeta``.  Dtypes: 16-bit floats are computed in float32 and
 cast back; integer input is cast to float64.  Chapter 16 derives the
 gradient, which is batch norm's with the sums taken within each example
-(:mod:`companion._standardize`).
+(``companion._standardize``).
 """
 
 from __future__ import annotations

@@ -800,12 +800,54 @@ def test_bad_functional_input_is_refused():
         F.batch_renorm_backward(np.ones((4, 6)), cache)
 
 
-def test_save_refuses_the_options_the_file_format_cannot_hold(tmp_path):
-    layer = BatchNorm(renorm=True)
-    layer(np.ones((4, 2)), training=True)
+def test_renorm_and_ghost_layers_round_trip_through_a_state_file(tmp_path):
+    layer = BatchNorm(
+        momentum=0.5,
+        renorm=True,
+        renorm_clipping={"rmax": 2.0, "dmax": float("inf")},
+        renorm_momentum=0.75,
+        virtual_batch_size=2,
+    )
+    x, _ = rng_data((8, 3))
+    layer(x, training=True)
+    path = layer.save(tmp_path / "renorm")
+    again = BatchNorm.from_file(path)
+    assert again.get_config() == layer.get_config()
+    assert again.weight_names() == layer.weight_names()
+    for a, b in zip(again.get_weights(), layer.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        again(x, training=True), layer(x, training=True)
+    )
+    # a layer with other options refuses the file and stays as it was
+    plain = BatchNorm(momentum=0.5)
+    plain(x, training=True)
+    before = [w.copy() for w in plain.get_weights()]
     with pytest.raises(ValueError, match="renorm=True"):
-        layer.save(tmp_path / "renorm")
-    assert not list(tmp_path.iterdir())
-    plain = BatchNorm(virtual_batch_size=2)
-    with pytest.raises(ValueError, match="virtual_batch_size=2"):
-        plain.load(tmp_path / "missing")
+        plain.load(path)
+    for a, b in zip(plain.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="renorm=None"):
+        layer.load(plain.save(tmp_path / "plain"))
+
+
+def test_a_state_file_with_a_bad_option_is_refused(tmp_path):
+    import json
+
+    layer = BatchNorm(virtual_batch_size=2)
+    layer(np.ones((4, 2)), training=True)
+    path = layer.save(tmp_path / "ghost")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    for bad, message in (
+        ({"virtual_batch_size": 0}, "virtual_batch_size=0"),
+        ({"renorm_clipping": {"r": 1}}, "unknown keys"),
+        ({"surprise": 1}, "optionally"),
+    ):
+        config = {**json.loads(str(arrays["config"])), **bad}
+        np.savez(
+            tmp_path / "bad.npz",
+            **{**arrays, "config": np.array(json.dumps(config))},
+        )
+        with pytest.raises(ValueError, match=message):
+            BatchNorm.from_file(tmp_path / "bad.npz")

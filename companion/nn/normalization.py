@@ -7,8 +7,8 @@ checked against Keras in the tests:
   ``moving = moving * momentum + batch * (1 - momentum)``, with the *biased*
   batch variance;
 * ``training=False`` (the default) normalizes with the moving statistics,
-  and :meth:`BatchNorm.backward` then differentiates that fixed affine map
-  (a frozen batch norm, as Keras's ``trainable=False``);
+  and :meth:`~companion.layers.BatchNorm.backward` then differentiates that
+  fixed affine map (a frozen batch norm, as Keras's ``trainable=False``);
 * the moving statistics start at 0 and 1, ``gamma`` at 1 and ``beta`` at 0;
 * ``center=False`` drops ``beta``, ``scale=False`` drops ``gamma``;
 * ``renorm=True`` (batch renormalization) and ``virtual_batch_size`` (ghost
@@ -20,8 +20,9 @@ builds networks from this layer; chapter 16, *Alternatives*, adds the
 options for small batches and the layers that normalize within each
 example, ``LayerNorm`` and ``GroupNorm`` (:mod:`companion.per_example`;
 Keras's ``LayerNormalization`` and ``GroupNormalization``).
-:meth:`BatchNorm.save` and :meth:`BatchNorm.load` keep a batch norm layer
-in an ``.npz`` file (:mod:`companion._state_file`).
+:meth:`~companion.layers.BatchNorm.save` and
+:meth:`~companion.layers.BatchNorm.load` keep a batch norm layer in an
+``.npz`` file (``companion._state_file``).
 """
 
 from __future__ import annotations
@@ -537,14 +538,15 @@ class BatchNorm(Layer):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the layer to an ``.npz`` file; returns the file's path.
 
-        The file holds the arrays of :meth:`get_weights` under their names,
+        The file holds the arrays of
+        :meth:`~companion.base.Layer.get_weights` under their names,
         ``format_version`` and ``config`` (the constructor's arguments and
         the arrays' dtype, as JSON) -- plain arrays, read without pickle.
         ``.npz`` is appended to a path without it, as ``np.savez`` does.
-        Layers with ``renorm`` or ``virtual_batch_size`` cannot be saved
-        yet (the file format stores the five arguments above).
+        With ``renorm=True`` the file also holds ``moving_stddev``,
+        ``renorm_mean`` and ``renorm_stddev``, and the config the options
+        of chapter 16 that are set.
         """
-        self._check_saveable()
         if not self.built:
             raise ValueError(
                 f"save() needs a built {type(self).__name__}; call it on an "
@@ -573,7 +575,6 @@ class BatchNorm(Layer):
             Anything else that does not fit, named in the message; the
             layer is then unchanged.
         """
-        self._check_saveable()
         dtype = (
             self.moving_mean.dtype if self.moving_mean is not None else None
         )
@@ -585,16 +586,6 @@ class BatchNorm(Layer):
             dtype=dtype,
         )
         self._assign_state(arrays, file_dtype)
-
-    def _check_saveable(self) -> None:
-        if self.renorm or self.virtual_batch_size is not None:
-            raise ValueError(
-                "save() and load() support BatchNorm layers without renorm "
-                "and virtual_batch_size; this layer has "
-                f"renorm={self.renorm}, virtual_batch_size="
-                f"{self.virtual_batch_size} (copy its arrays with "
-                "get_weights() / set_weights())"
-            )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> BatchNorm:
