@@ -52,7 +52,8 @@ __all__ = ["merge_moments", "merge_power_sums", "moments", "power_sums"]
 def moments(
     x: np.ndarray, axis: int = -1
 ) -> tuple[int, np.ndarray, np.ndarray]:
-    r"""One replica's (count, mean, M2) per channel, over every axis but ``axis``.
+    r"""One replica's (count, mean, M2) per channel, over all axes but
+    ``axis``.
 
     :math:`M_2 = \sum_i (x_i - \bar x)^2` by two passes (center, then
     square), sums accumulated in float64 and rounded to the compute dtype.

@@ -1,6 +1,9 @@
-"""Re-execute notebooks in place, in the current Python environment (`make execute`).
+"""Re-execute notebooks in place, in the current Python environment
+(`make execute`).
 
-    python tests/execute_notebooks.py [NOTEBOOK_OR_FOLDER ...]   (default: book/)
+    python tests/execute_notebooks.py [NOTEBOOK_OR_FOLDER ...]
+
+(default: book/)
 
 Each notebook runs in a fresh kernel started with this interpreter (as nbval's
 ``--nbval-current-env`` does), with the notebook's folder as working
@@ -25,9 +28,15 @@ from nbclient import NotebookClient
 class _CurrentEnvironment(KernelSpecManager):
     """Every kernel name resolves to an ipykernel run by this interpreter."""
 
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:  # noqa: ARG002
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         return KernelSpec(
-            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            argv=[
+                sys.executable,
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                "{connection_file}",
+            ],
             display_name="Python 3 (ipykernel)",
             language="python",
         )
@@ -36,8 +45,14 @@ class _CurrentEnvironment(KernelSpecManager):
 def execute(path: Path, timeout: int = 900) -> float:
     """Execute one notebook in place; return its wall time in seconds."""
     nb = nbformat.read(path, as_version=4)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-    manager = KernelManager(kernel_name="python3", kernel_spec_manager=_CurrentEnvironment())
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    manager = KernelManager(
+        kernel_name="python3", kernel_spec_manager=_CurrentEnvironment()
+    )
     client = NotebookClient(
         nb,
         km=manager,

@@ -59,7 +59,9 @@ def test_experiment_module_follows_the_protocol(name):
     module = _module(name)
     assert isinstance(module.DESCRIPTION, str) and module.DESCRIPTION
     for config in (module.CONFIG_TEST, module.CONFIG_CI, module.CONFIG_FULL):
-        assert isinstance(config, dict) and set(config) == set(module.CONFIG_CI)
+        assert isinstance(config, dict) and set(config) == set(
+            module.CONFIG_CI
+        )
     assert "Chapter" in module.__doc__
     claims = [m.claim for m in module.measures(module.CONFIG_CI)]
     keys = [c.key for c in claims]
@@ -112,7 +114,9 @@ def test_stored_verdicts_are_recomputed_from_the_stored_runs(name, test_scale):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_experiment_is_deterministic_and_serializes(name, test_scale, tmp_path):
+def test_experiment_is_deterministic_and_serializes(
+    name, test_scale, tmp_path
+):
     """A second run of two seeds gives the same records, bit for bit."""
     first = test_scale(name)
     again = _module(name).run(first["config"], [1, 2])
@@ -191,7 +195,12 @@ def test_jsonable_turns_numpy_and_nan_into_json():
 
 def test_summarize_counts_missing_values_and_ignores_them():
     s = summarize([1.0, 3.0, math.nan, None])
-    assert (s["mean"], s["min"], s["max"], s["n_missing"]) == (2.0, 1.0, 3.0, 2)
+    assert (s["mean"], s["min"], s["max"], s["n_missing"]) == (
+        2.0,
+        1.0,
+        3.0,
+        2,
+    )
     assert s["std"] == pytest.approx(math.sqrt(2.0))
     assert summarize([2.0])["std"] == 0.0
     empty = summarize([math.nan])
@@ -244,7 +253,12 @@ def test_command_line_writes_and_prints_json(tmp_path, monkeypatch, capsys):
     tiny = {**module.CONFIG_TEST, "twins": False}
     monkeypatch.setattr(module, "CONFIG_CI", tiny)
     out = tmp_path / "out.json"
-    assert cli.main([name, "--seeds", "2", "--first-seed", "7", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [name, "--seeds", "2", "--first-seed", "7", "--out", str(out)]
+        )
+        == 0
+    )
     written = load_results(out)
     assert written["seeds"] == [7, 8]
     assert written["command"].endswith(f"{name} --seeds 2 --first-seed 7")
@@ -252,3 +266,72 @@ def test_command_line_writes_and_prints_json(tmp_path, monkeypatch, capsys):
     assert cli.main([name, "--seeds", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["seeds"] == [0, 1] and printed["name"] == name
+
+
+def _gap_measure(margin: float) -> object:
+    from companion.experiments.common import Measure
+
+    claim = stats.Claim(
+        key="gap",
+        statement="a beats b",
+        effect="a minus b",
+        unit="points",
+        margin=margin,
+    )
+    return Measure(
+        claim, lambda runs: runs["a"]["v"] - runs["b"]["v"], kind="records"
+    )
+
+
+def _gap_runs(effects, twin_shift):
+    return [
+        {
+            "a": {"v": effect},
+            "a" + TWIN: {"v": effect + twin_shift},
+            "b": {"v": 0.0},
+        }
+        for effect in effects
+    ]
+
+
+def test_noise_larger_than_the_stated_margin_becomes_the_margin():
+    """An effect a one-ulp perturbation can produce is not counted: with
+    twins 3 points away, effects of 2.5 (CI [2, 3]) clear the stated
+    margin of 1 but not the measured noise of 3."""
+    measure = _gap_measure(1.0)
+    runs = _gap_runs([2.0, 2.5, 3.0, 2.5, 2.5], twin_shift=3.0)
+    (verdict,) = verdicts([measure], runs).values()
+    assert verdict["stated_margin"] == 1.0
+    assert verdict["margin"] == pytest.approx(3.0)
+    assert verdict["outcome"] == "inconclusive"
+    quiet = verdicts([measure], _gap_runs([2.0, 2.5, 3.0, 2.5, 2.5], 0.5))
+    assert quiet["gap"]["margin"] == 1.0
+    assert quiet["gap"]["outcome"] == "supported"
+    untwinned = [
+        {k: v for k, v in seed.items() if not k.endswith(TWIN)}
+        for seed in runs
+    ]
+    alone = verdicts([measure], untwinned)["gap"]
+    assert alone["margin"] == 1.0 and alone["outcome"] == "supported"
+
+
+def test_rejudge_recomputes_verdicts_and_keeps_the_runs(test_scale, tmp_path):
+    from companion.experiments import __main__ as cli
+
+    name = "placement"
+    stored = json.loads(json.dumps(test_scale(name)))
+    key = next(iter(stored["results"]["verdicts"]))
+    stored["results"]["verdicts"][key]["outcome"] = "stale"
+    again = experiments.rejudge(stored)
+    assert again["results"]["runs"] == stored["results"]["runs"]
+    assert again["provenance"] == stored["provenance"]
+    assert again["judged"]["commit"] and again["judged"]["date"]
+    measures = _module(name).measures(stored["config"])
+    expected = verdicts(measures, stored["results"]["runs"])
+    assert again["results"]["verdicts"] == expected
+    assert expected[key]["outcome"] != "stale"
+    path = tmp_path / "stale.json"
+    save_results(stored, path)
+    assert cli.main([name, "--rejudge", str(path)]) == 0
+    assert load_results(path)["results"]["verdicts"] == expected
+    assert _cli("gradient_flow", "--rejudge", str(path)).returncode != 0

@@ -1,4 +1,5 @@
-"""``make robustness``: the CI-scale verdicts hold for seeds the book never uses.
+"""``make robustness``: the CI-scale verdicts hold for seeds the book never
+uses.
 
 Every chapter of Part III asserts the verdicts of its CI-scale run
 (``EXPECTED_CI``) for its own seeds.  A verdict that held only for those

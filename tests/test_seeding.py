@@ -13,7 +13,9 @@ from companion import provenance, seeding
 
 def test_streams_are_reproducible_and_independent():
     a = seeding.rng(3, seeding.KERNELS, 0).random(5)
-    np.testing.assert_array_equal(a, seeding.rng(3, seeding.KERNELS, 0).random(5))
+    np.testing.assert_array_equal(
+        a, seeding.rng(3, seeding.KERNELS, 0).random(5)
+    )
     others = [
         seeding.rng(3, seeding.KERNELS, 1).random(5),  # another layer
         seeding.rng(4, seeding.KERNELS, 0).random(5),  # another seed
@@ -58,7 +60,10 @@ def test_provenance_names_the_code_the_libraries_and_the_machine(monkeypatch):
     info = provenance.provenance("python -m something")
     assert info["command"] == "python -m something"
     head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert info["commit"].split("+")[0] == head
     assert info["versions"]["numpy"] == np.__version__

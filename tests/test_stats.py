@@ -174,14 +174,18 @@ def test_sampling_variance_of_an_accuracy_difference():
 
 def test_sampling_variance_is_zero_for_a_diverged_pair():
     correct = {"a": None, "b": None, "c": np.ones(10, bool)}
-    assert stats.sampling_variance(lambda acc: acc["a"] - acc["b"], correct) == 0
+    assert (
+        stats.sampling_variance(lambda acc: acc["a"] - acc["b"], correct) == 0
+    )
 
 
 def test_judge_pairs_runs_by_seed_and_rejects_unpaired_seeds():
     rng = np.random.default_rng(4)
     seeds = [_runs(rng, p=(0.95, 0.80)) for _ in range(5)]
     claim = stats.Claim("gain", "a beats b", "acc(a) - acc(b)", "points", 5.0)
-    verdict = stats.judge(claim, lambda acc: 100 * (acc["a"] - acc["b"]), seeds)
+    verdict = stats.judge(
+        claim, lambda acc: 100 * (acc["a"] - acc["b"]), seeds
+    )
     assert verdict.outcome == "supported" and verdict.se_sampling > 0
     effects = [100 * (s["a"].mean() - s["b"].mean()) for s in seeds]
     assert verdict.effects == pytest.approx(effects)

@@ -1,4 +1,5 @@
-"""companion.training: model builder, training loop, evaluation, progress bars."""
+"""companion.training: model builder, training loop, evaluation, progress
+bars."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from companion.training import accuracy, mlp, progress, train
 
 
 def toy_data(seed=0, n=600):
-    """Two well-separated Gaussian blobs per class in 6-D (3 classes): learnable in a few steps."""
+    """Two well-separated Gaussian blobs per class in 6-D (3 classes):
+    learnable in a few steps."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 3, size=(3, 6))
     y = rng.integers(0, 3, size=n)
@@ -23,8 +25,14 @@ def toy_data(seed=0, n=600):
     ("batch_norm", "kinds"),
     [
         ("none", [Flatten, Dense, ReLU, Dense, ReLU, Dense]),
-        ("before", [Flatten, Dense, BatchNorm, ReLU, Dense, BatchNorm, ReLU, Dense]),
-        ("after", [Flatten, Dense, ReLU, BatchNorm, Dense, ReLU, BatchNorm, Dense]),
+        (
+            "before",
+            [Flatten, Dense, BatchNorm, ReLU, Dense, BatchNorm, ReLU, Dense],
+        ),
+        (
+            "after",
+            [Flatten, Dense, ReLU, BatchNorm, Dense, ReLU, BatchNorm, Dense],
+        ),
     ],
 )
 def test_mlp_places_batch_norm(batch_norm, kinds):
@@ -36,11 +44,22 @@ def test_mlp_places_batch_norm(batch_norm, kinds):
 
 
 def test_mlp_rejects_unknown_options():
-    with pytest.raises(ValueError, match=r"activation must be one of \['relu', 'sigmoid'\]; received 'tanh'"):
+    with pytest.raises(
+        ValueError,
+        match=r"activation must be one of \['relu', 'sigmoid'\]; "
+        r"received 'tanh'",
+    ):
         mlp([3], activation="tanh")
-    with pytest.raises(ValueError, match=r"batch_norm must be one of \['none', 'before', 'after'\]; received 'middle'"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_norm must be one of \['none', 'before', 'after'\]; "
+        r"received 'middle'",
+    ):
         mlp([3], batch_norm="middle")
-    with pytest.raises(ValueError, match=r"hidden width=0 is out of range; expected an int >= 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"hidden width=0 is out of range; expected an int >= 1",
+    ):
         mlp([0])
 
 
@@ -48,22 +67,41 @@ def test_mlp_rejects_unknown_options():
 def test_training_learns_and_is_deterministic(batch_norm):
     data = toy_data()
     runs = [
-        train(mlp([16], classes=3, batch_norm=batch_norm, seed=1), *data, steps=60, batch_size=20,
-              learning_rate=0.1, momentum=0.9, seed=2, eval_every=20)
+        train(
+            mlp([16], classes=3, batch_norm=batch_norm, seed=1),
+            *data,
+            steps=60,
+            batch_size=20,
+            learning_rate=0.1,
+            momentum=0.9,
+            seed=2,
+            eval_every=20,
+        )
         for _ in range(2)
     ]
     first, second = runs
-    np.testing.assert_array_equal(first.pop("final_test_correct"), second.pop("final_test_correct"))
+    np.testing.assert_array_equal(
+        first.pop("final_test_correct"), second.pop("final_test_correct")
+    )
     assert first == second  # same seeds, same numbers, bit for bit
     assert first["steps"] == [0, 20, 40, 60] and len(first["losses"]) == 60
     assert not first["diverged"]
     assert first["final_test_accuracy"] > 0.9 > first["test_accuracy"][0]
-    assert np.isnan(first["train_loss"][0]) and first["train_loss"][-1] < first["losses"][0]
+    assert (
+        np.isnan(first["train_loss"][0])
+        and first["train_loss"][-1] < first["losses"][0]
+    )
 
 
 def test_divergence_is_detected_and_stops_training():
     data = toy_data()
-    history = train(mlp([16], classes=3, seed=1), *data, steps=200, learning_rate=1e4, eval_every=50)
+    history = train(
+        mlp([16], classes=3, seed=1),
+        *data,
+        steps=200,
+        learning_rate=1e4,
+        eval_every=50,
+    )
     assert history["diverged"] and np.isnan(history["final_test_accuracy"])
     assert len(history["losses"]) < 200
 
@@ -71,7 +109,13 @@ def test_divergence_is_detected_and_stops_training():
 def test_on_step_sees_every_update():
     data = toy_data()
     seen = []
-    train(mlp([4], classes=3), *data, steps=5, eval_every=5, on_step=lambda step, model: seen.append(step))
+    train(
+        mlp([4], classes=3),
+        *data,
+        steps=5,
+        eval_every=5,
+        on_step=lambda step, model: seen.append(step),
+    )
     assert seen == [1, 2, 3, 4, 5]
 
 

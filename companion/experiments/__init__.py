@@ -47,6 +47,7 @@ __all__ = [
     "book_seeds",
     "load_results",
     "outcomes",
+    "rejudge",
     "robustness_seeds",
     "run_experiment",
     "save_results",
@@ -159,6 +160,33 @@ def outcomes(result: dict[str, Any]) -> dict[str, str]:
     return {
         key: verdict["outcome"]
         for key, verdict in result["results"]["verdicts"].items()
+    }
+
+
+def rejudge(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with its verdicts and noise computed again from its runs.
+
+    The runs, the configuration and the provenance of the training stay
+    as they were; the claims are those of the current code, and
+    ``judged`` records its commit and the date.  This is how a results
+    file follows a change of the rule that judges it (not of the runs).
+    """
+    from companion.experiments.common import noise, verdicts
+
+    module = _module(result["name"])
+    measures = module.measures(result["config"])
+    runs = result["results"]["runs"]
+    twins = result["config"].get("twins", False)
+    results = {
+        **result["results"],
+        "verdicts": verdicts(measures, runs),
+        "noise": noise(measures, runs) if twins else None,
+    }
+    judged = provenance(f"rejudge {result['name']}")
+    return {
+        **result,
+        "results": results,
+        "judged": {"commit": judged["commit"], "date": judged["date"]},
     }
 
 

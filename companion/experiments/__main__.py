@@ -1,5 +1,5 @@
 """Command line: ``python -m companion.experiments NAME [--full] [--seeds N]
-[--first-seed K] [--out FILE]``."""
+[--first-seed K] [--out FILE] [--rejudge FILE]``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from companion.experiments import (
     _jsonable,
     available,
+    load_results,
+    rejudge,
     run_experiment,
     save_results,
 )
@@ -38,7 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", help="write the JSON here instead of printing"
     )
+    parser.add_argument(
+        "--rejudge",
+        metavar="FILE",
+        help="run nothing: judge the runs stored in FILE again with the "
+        "current claims and rule, and write the result back (or to --out)",
+    )
     args = parser.parse_args(argv)
+    if args.rejudge:
+        result = rejudge(load_results(args.rejudge))
+        if result["name"] != args.name:
+            parser.error(
+                f"{args.rejudge} holds {result['name']!r}, not {args.name!r}"
+            )
+        save_results(result, args.out or args.rejudge)
+        print(
+            f"{args.name}: judged again, written to {args.out or args.rejudge}"
+        )
+        return 0
     if args.seeds < 2:
         parser.error(f"--seeds must be >= 2; received {args.seeds}")
     if args.first_seed < 0:

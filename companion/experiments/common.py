@@ -186,26 +186,36 @@ def verdicts(
 ) -> dict[str, dict[str, Any]]:
     """Every measure's claim and verdict, as plain data keyed by claim key.
 
-    Each entry holds the claim's fields, the verdict's fields
-    (:meth:`companion.stats.Verdict.as_dict`) and ``interval``: what the
-    confidence interval covers.
+    The margin a verdict uses is the claim's margin, stated before the
+    runs, or the claim's measured noise when that is larger: when the runs
+    have one-ulp twins (:func:`noise`), an effect no larger than what a
+    last-bit perturbation of the trajectory produces on one seed is not
+    counted as real.  Each entry holds the claim's fields, the verdict's
+    fields (:meth:`companion.stats.Verdict.as_dict`; its ``margin`` is the
+    one used), ``stated_margin`` and ``interval`` (what the confidence
+    interval covers).
     """
+    measured = noise(measures, runs_per_seed, n_test=n_test)
     out: dict[str, dict[str, Any]] = {}
     for measure in measures:
         claim = measure.claim
+        rms = measured[claim.key]["rms"]
+        margin = claim.margin if rms is None else max(claim.margin, rms)
+        judged = dataclasses.replace(claim, margin=margin)
         if measure.kind == "accuracy":
             correct = [_correct(runs, n_test) for runs in runs_per_seed]
             verdict = stats.judge(
-                claim, measure.effect, correct, n_boot=n_boot
+                judged, measure.effect, correct, n_boot=n_boot
             )
             interval = "seeds (each with its own split) and test-set bootstrap"
         else:
             effects = [measure.effect(runs) for runs in runs_per_seed]
-            verdict = stats.decide(effects, claim.margin, unit=claim.unit)
+            verdict = stats.decide(effects, margin, unit=claim.unit)
             interval = "seeds (each with its own split)"
         out[claim.key] = {
             **dataclasses.asdict(claim),
             **verdict.as_dict(),
+            "stated_margin": claim.margin,
             "interval": interval,
         }
     return out

@@ -43,6 +43,15 @@ def format_verdict(verdict: Mapping[str, Any]) -> str:
     )
 
 
+def _margin(verdict: Mapping[str, Any], sep: str) -> str:
+    """The margin used, and the stated one when the noise replaced it."""
+    used = f"{verdict['margin']:.3g}{sep}{verdict['unit']}"
+    stated = verdict.get("stated_margin", verdict["margin"])
+    if stated == verdict["margin"]:
+        return used
+    return f"{used} (noise; stated {stated:g})"
+
+
 def claim_rows(
     results: Mapping[str, Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
@@ -73,7 +82,7 @@ def claim_rows(
                     "statement": verdict["statement"],
                     "effect": verdict["effect"],
                     "estimate": format_verdict(verdict),
-                    "margin": f"{verdict['margin']:g}{sep}{unit}",
+                    "margin": _margin(verdict, sep),
                     "noise": None
                     if twin.get("rms") is None
                     else f"{twin['rms']:.2g}{sep}{unit}",
