@@ -116,7 +116,7 @@ CONFIG_FULL: dict[str, Any] = {
 
 EXPECTED_CI = {
     "paper_init": "supported",
-    "glorot_init": "inconclusive",
+    "glorot_init": "supported",
     "deep": "supported",
 }
 """What chapter 12 states for the CI-scale run (and ``make robustness``
