@@ -302,6 +302,7 @@ def test_noise_larger_than_the_stated_margin_becomes_the_margin():
     runs = _gap_runs([2.0, 2.5, 3.0, 2.5, 2.5], twin_shift=3.0)
     (verdict,) = verdicts([measure], runs).values()
     assert verdict["stated_margin"] == 1.0
+    assert verdict["definition"] == "a minus b"  # the claim's, not the mean
     assert verdict["margin"] == pytest.approx(3.0)
     assert verdict["outcome"] == "inconclusive"
     quiet = verdicts([measure], _gap_runs([2.0, 2.5, 3.0, 2.5, 2.5], 0.5))

@@ -192,8 +192,9 @@ def verdicts(
     last-bit perturbation of the trajectory produces on one seed is not
     counted as real.  Each entry holds the claim's fields, the verdict's
     fields (:meth:`companion.stats.Verdict.as_dict`; its ``margin`` is the
-    one used), ``stated_margin`` and ``interval`` (what the confidence
-    interval covers).
+    one used; its ``effect`` is the measured mean, so the claim's
+    definition of the effect is kept as ``definition``), ``stated_margin``
+    and ``interval`` (what the confidence interval covers).
     """
     measured = noise(measures, runs_per_seed, n_test=n_test)
     out: dict[str, dict[str, Any]] = {}
@@ -215,6 +216,7 @@ def verdicts(
         out[claim.key] = {
             **dataclasses.asdict(claim),
             **verdict.as_dict(),
+            "definition": claim.effect,
             "stated_margin": claim.margin,
             "interval": interval,
         }

@@ -80,7 +80,7 @@ def claim_rows(
                     "key": key,
                     "role": verdict["role"],
                     "statement": verdict["statement"],
-                    "effect": verdict["effect"],
+                    "effect": verdict["definition"],
                     "estimate": format_verdict(verdict),
                     "margin": _margin(verdict, sep),
                     "noise": None
