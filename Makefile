@@ -1,7 +1,8 @@
 # Batch Normalization, Executable — every target creates .venv by itself.
 #   make book     build the HTML book into _build/html (no network needed once installed)
 #   make test     lint, the book build with -W, then unit/property/parity tests, every
-#                 notebook by nbval (strict) and the built pages in Chromium (one pytest run)
+#                 notebook by nbval (strict) and the built pages in Chromium (one pytest
+#                 run on two processes)
 #   make lab      JupyterLab in the project environment, opened on book/
 #   make browser-test  build the book and check its pages in Chromium only
 #   make pdf      the whole book as _build/latex/batchnorm-executable.pdf (needs TeX Live:
@@ -43,9 +44,11 @@ book: $(STAMP)
 
 # The book is built first: tests/test_rendered_book.py and test_launch.py
 # read _build/html (REQUIRE_BOOK_BUILD=1: a missing build fails, not skips).
+# On both cores (pytest-xdist): --dist loadscope keeps each notebook's cells,
+# and each test module, on one worker.
 test: $(STAMP) lint
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest
+	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest -n 2 --dist loadscope
 
 browser-test: book
 	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest tests/test_rendered_book.py --no-cov -p no:cacheprovider
