@@ -67,7 +67,7 @@ class Difference(NamedTuple):
     only when ``gradient`` or ``update`` exceeds the tolerance of
     :func:`step_parity` (0 otherwise)."""
     zero_gradient: float
-    """Largest |gradient| of a conv bias followed by batch norm (exactly 0
+    """Largest absolute gradient of a conv bias followed by batch norm (0
     in exact arithmetic), relative to the largest gradient entry of its
     conv kernel."""
 

@@ -33,6 +33,7 @@ from companion.nn import (
 from companion.seeding import BATCHES, KERNELS, derive_seed
 
 __all__ = [
+    "DIVERGENCE_LOSS",
     "Evaluation",
     "accuracy",
     "correct_predictions",
