@@ -23,9 +23,11 @@ the batch norm layer's input.  The sigmoid networks have one more arm,
 ``"before_centered"`` (:data:`EXTRA_ARMS`), which explains a result and does
 not enter the verdict.
 
-The claims (:func:`measures`), one per nonlinearity: per seed, the final
-test accuracy with batch norm before the nonlinearity minus after it, in
-percentage points, averaged over the learning rates.  The verdict is
+The claims (:func:`measures`), one per nonlinearity and learning rate
+(keys such as ``relu_lr1``): per seed, the final test accuracy with batch
+norm before the nonlinearity minus after it, in percentage points.  (An
+average over the rates would mix a sigmoid effect that lives at rate 1
+only with noise at rate 0.1.)  The verdict is
 symmetric: "contradicted" means that "after" wins by more than the margin.
 Chapter 13, "Before or after the activation?", runs it.
 """
