@@ -231,7 +231,7 @@ def tf1_worker(out_path):
             lambda: train_step(graph, parity_x, data.y_test[:64], SGD()),
             lambda: set_weights(graph, []),
             lambda: set_weights(
-                graph, [w.T for w in moved_bn_weights("none")]
+                graph, [w.T for w in moved_bn_weights("conv3")]
             ),
             lambda: set_slots(graph, None, []),
         ):
@@ -865,7 +865,9 @@ def test_one_step_from_one_shared_state_agrees(tf1, bn_after):
         assert len(clean) >= len(rows) // 2, (key, rows)
         assert clean[:, :2].max() < bound, (key, clean[:, :2].max())
         # a conv bias before batch norm: zero gradient up to round-off
-        assert rows[:, 3].max() < 1e-3, (key, rows[:, 3].max())
+        # (relative to its kernel's; conv1's sums 25,088 values in "all")
+        zero_bound = 1e-2 if bn_after == "all" else 1e-4
+        assert rows[:, 3].max() < zero_bound, (key, rows[:, 3].max())
 
 
 @pytest.mark.tf
@@ -950,7 +952,7 @@ def test_tf1_graph_is_quiet_and_registers_update_ops(tf1):
     optimizer, length, shape, slots = tf1["errors"]
     assert "optimizer must be None for a TF1Graph" in optimizer
     assert (
-        "weights must be a list of 10 arrays in Keras order; received 0"
+        "weights must be a list of 14 arrays in Keras order; received 0"
         in length
     )
     assert (
