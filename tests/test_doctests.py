@@ -29,7 +29,7 @@ MUST_HAVE_EXAMPLES = {
     "companion.functional.batchnorm_inference_backward",
     "companion.gradcheck.numerical_gradient",
     "companion.gradcheck.rel_error",
-    "companion.layers.BatchNorm",
+    "companion.nn.normalization.BatchNorm",
     "companion.nn.activations.ReLU",
     "companion.nn.dense.Dense",
     "companion.nn.losses.softmax_cross_entropy",

@@ -314,6 +314,17 @@ def test_noise_larger_than_the_stated_margin_becomes_the_margin():
     ]
     alone = verdicts([measure], untwinned)["gap"]
     assert alone["margin"] == 1.0 and alone["outcome"] == "supported"
+    # a measure whose runs have no twins gets no noise, even when other
+    # runs of the seed have twins
+    from companion.experiments.common import Measure
+
+    untwinned_measure = Measure(
+        measure.claim, measure.effect, kind="records", twinned=False
+    )
+    assert noise([untwinned_measure], runs)["gap"] == {
+        "differences": None,
+        "rms": None,
+    }
 
 
 def test_rejudge_recomputes_verdicts_and_keeps_the_runs(test_scale, tmp_path):

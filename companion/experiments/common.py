@@ -147,11 +147,15 @@ class Measure:
     ``{run name: record}`` and the interval comes from the seeds alone
     (:func:`companion.stats.decide`), for metrics that are not functions
     of the final test predictions (a loss gap, steps to an accuracy).
+    ``twinned=False`` says that none of the runs the effect reads has
+    one-ulp twins, so :func:`noise` has nothing to measure for it (None,
+    not a difference of 0).
     """
 
     claim: stats.Claim
     effect: Callable[[Mapping[str, Any]], float]
     kind: str = "accuracy"
+    twinned: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("accuracy", "records"):
@@ -237,10 +241,13 @@ def noise(
     per-seed changes, ``rms`` their root mean square: the typical change
     of one seed's effect when the trajectory of those runs is perturbed at
     the last bit, as another CPU does.  Claims none of whose runs have
-    twins get None.
+    twins (or whose measure says ``twinned=False``) get None.
     """
     out: dict[str, dict[str, Any]] = {}
     for measure in measures:
+        if not measure.twinned:
+            out[measure.claim.key] = {"differences": None, "rms": None}
+            continue
         differences = []
         for runs in runs_per_seed:
             twinned = {

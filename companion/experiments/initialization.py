@@ -273,6 +273,7 @@ def measures(config: Mapping[str, Any]) -> list[Measure]:
                     role="control",
                 ),
                 gain(CONTROL, "with_bn"),
+                twinned=False,  # only the runs without BN have twins
             )
         )
     return out
