@@ -626,7 +626,9 @@ def checked(request: pytest.FixtureRequest) -> dict[str, list[str]]:
     jobs = [
         job
         for item in request.session.items
-        if item.module is sys.modules[__name__] and (job := _job(item))
+        # nbval's notebook cells have no .module
+        if getattr(item, "module", None) is sys.modules[__name__]
+        and (job := _job(item))
     ]
     with _serve(BOOK_HTML) as base:
         return asyncio.run(_check_all(str(executable), base, jobs))
