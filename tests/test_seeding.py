@@ -56,6 +56,10 @@ def test_bad_seeds_are_rejected(args, error, message):
 
 
 def test_provenance_names_the_code_the_libraries_and_the_machine(monkeypatch):
+    # The run itself may be computing as another CPU does (make test under
+    # ONEDNN_MAX_CPU_ISA=AVX2, TF_ENABLE_ONEDNN_OPTS=0): set exactly one.
+    for name in ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     info = provenance.provenance("python -m something")
     assert info["command"] == "python -m something"
