@@ -11,7 +11,7 @@ inference mode; stored per evaluation: the accuracy and, for the runs the
 claims are judged on, which images were right (hex,
 companion.stats.pack_correct).  At learning rate 0.05 the runs of seeds 0-4 are
 repeated from weights moved by one ulp (the twin; accuracies only): the
-noise the chapter's margins must exceed.  About an hour on 2 cores.
+noise the chapter's margins must exceed.  About 20 minutes on 2 cores.
 
 Run from the repository root:
 

@@ -8,7 +8,7 @@ initial weights and batch order), and once more from weights moved by one
 ulp (the twin that measures the noise).  Stored per run: per-image
 correctness of the 1,000 test images in training mode and in inference mode
 with and without the update ops (hex, companion.stats.pack_correct), and
-what happened to the moving statistics.  About 10 minutes on 2 cores.
+what happened to the moving statistics.  About 3 minutes on 2 idle cores.
 
 Run from the repository root:
 
