@@ -347,3 +347,19 @@ def test_rejudge_recomputes_verdicts_and_keeps_the_runs(test_scale, tmp_path):
     assert cli.main([name, "--rejudge", str(path)]) == 0
     assert load_results(path)["results"]["verdicts"] == expected
     assert _cli("gradient_flow", "--rejudge", str(path)).returncode != 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "book" / "data").glob("*.json")),
+    ids=lambda p: p.name,
+)
+def test_every_committed_result_says_where_it_came_from(path):
+    """Every file the book reads was made from a clean commit, and says
+    by which command, with which libraries, on which CPU and when."""
+    provenance = json.loads(path.read_text())["provenance"]
+    for key in ("command", "commit", "versions", "cpu", "blas", "date"):
+        assert provenance[key], key
+    assert len(provenance["commit"]) == 40, provenance["commit"]
+    assert int(provenance["commit"], 16) >= 0  # hex, no "+dirty"
+    assert provenance["versions"]["numpy"]
