@@ -45,10 +45,11 @@ book: $(STAMP)
 # The book is built first: tests/test_rendered_book.py and test_launch.py
 # read _build/html (REQUIRE_BOOK_BUILD=1: a missing build fails, not skips).
 # On both cores (pytest-xdist): --dist loadscope keeps each notebook's cells,
-# and each test module, on one worker.
+# and each test module, on one worker; --no-loadscope-reorder keeps the
+# longest-first order of conftest.py (xdist would sort by number of tests).
 test: $(STAMP) lint
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest -n 2 --dist loadscope
+	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 browser-test: book
 	REQUIRE_BOOK_BUILD=1 $(PY) -m pytest tests/test_rendered_book.py --no-cov -p no:cacheprovider

@@ -18,6 +18,7 @@ os.environ.setdefault(
 )  # kernels: the same set/dict orders as `make execute`
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Property tests are derandomized: the same examples on every run, so CI is
@@ -30,3 +31,30 @@ settings.register_profile(
 )
 settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# `make test` runs pytest on two workers that take whole modules and whole
+# notebooks (--dist loadscope --no-loadscope-reorder), in collection order.
+# The longest units go first, so that the workers end together instead of
+# one running a five-minute module while the other waits: the robustness
+# reruns (one module, ~5 minutes), then the notebooks (~1 minute each),
+# then the test modules with long fixtures, then the rest.
+LONGEST_FIRST = (
+    "tests/test_robustness.py",
+    "book/",
+    "tests/test_tf_models.py",
+    "tests/test_rendered_book.py",
+    "tests/test_bench.py",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    for rank, prefix in enumerate(LONGEST_FIRST):
+        if path.startswith(prefix):
+            return rank
+    return len(LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: each module and notebook keeps its order
