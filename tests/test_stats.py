@@ -213,3 +213,17 @@ def test_pack_and_unpack_correctness():
         stats.unpack_correct(text, 1000)
     with pytest.raises(TypeError, match="1-D bool array"):
         stats.pack_correct(np.ones(3))
+
+
+def test_resampled_counts_are_remembered_and_read_only():
+    """The multinomial draws are memoized per (n, n_boot, seed): the same
+    numbers as a fresh draw, and nobody can change them for later calls."""
+    counts = stats._resample_counts(50, 40, 7)
+    assert counts is stats._resample_counts(50, 40, 7)
+    fresh = np.random.default_rng(7).multinomial(
+        50, np.full(50, 1 / 50), size=40
+    )
+    np.testing.assert_array_equal(counts, fresh)
+    assert (counts.sum(axis=1) == 50).all()
+    with pytest.raises(ValueError, match="read-only"):
+        counts[0, 0] = 3
