@@ -22,7 +22,6 @@ from companion.experiments.report import CHAPTERS
 
 
 @pytest.mark.robustness
-@pytest.mark.no_cover  # the unit tests cover this code; tracing adds ~20 %
 @pytest.mark.parametrize("name", sorted(CHAPTERS))
 def test_ci_verdicts_hold_for_seeds_the_book_never_uses(name):
     seeds = robustness_seeds(name)
